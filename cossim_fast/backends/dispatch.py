@@ -1,0 +1,126 @@
+"""Backend selection: explicit argument, then ``COSSIM_FAST_BACKEND``, then auto.
+
+Each backend states why it cannot run an input (xformers' "not supported reasons"); when the
+chooser falls back it warns once with those reasons, and in strict mode it raises them instead.
+"""
+
+from __future__ import annotations
+
+import importlib
+import os
+import warnings
+from functools import cache
+
+import torch
+
+from cossim_fast.backends.base import Backend
+
+BACKEND_NAMES = ("reference", "torch", "triton", "cuda")
+CHOICES = ("auto", *BACKEND_NAMES)
+
+#: Preference order of "auto" per device type; "reference" is never chosen automatically.
+AUTO_ORDER = {"cuda": ("cuda", "triton", "torch")}
+DEFAULT_ORDER = ("torch",)
+
+_MODULES = {
+    "reference": ("cossim_fast.backends.reference", "ReferenceBackend"),
+    "torch": ("cossim_fast.backends.torch_chunked", "TorchBackend"),
+    "triton": ("cossim_fast.backends.triton", "TritonBackend"),
+    "cuda": ("cossim_fast.backends.cuda", "CudaBackend"),
+}
+
+_strict = os.environ.get("COSSIM_FAST_STRICT", "0") == "1"
+_warned: set[tuple[str, str, str]] = set()
+
+
+class BackendUnavailableError(RuntimeError):
+    """A requested backend cannot run the input and strict mode forbids falling back."""
+
+
+def set_strict(enabled: bool) -> None:
+    """Raise instead of falling back when a requested backend cannot run an input."""
+    global _strict
+    _strict = bool(enabled)
+
+
+def is_strict() -> bool:
+    return _strict
+
+
+def check_backend_name(backend: str) -> None:
+    """Raise a clear error for an unknown backend name (called before any work)."""
+    if not isinstance(backend, str) or backend not in CHOICES:
+        raise ValueError(f"backend must be one of {CHOICES}, got {backend!r}")
+
+
+@cache
+def load_backend(name: str) -> Backend | str:
+    """The backend object, or why it could not be imported."""
+    module_name, class_name = _MODULES[name]
+    try:
+        return getattr(importlib.import_module(module_name), class_name)()
+    except Exception as error:  # noqa: BLE001 - any import failure makes the backend unavailable
+        return f"{name} backend failed to import: {type(error).__name__}: {error}"
+
+
+def unsupported_reasons(name: str, op: str, device: torch.device, dtype: torch.dtype) -> list[str]:
+    backend = load_backend(name)
+    if isinstance(backend, str):
+        return [backend]
+    return backend.unsupported_reasons(op, device, dtype)
+
+
+def requested_backend(backend: str) -> str:
+    """Apply the environment override to an "auto" request."""
+    if backend == "auto":
+        backend = os.environ.get("COSSIM_FAST_BACKEND", "auto") or "auto"
+        if backend not in CHOICES:
+            raise ValueError(f"environment variable COSSIM_FAST_BACKEND must be one of {CHOICES}, got {backend!r}")
+    return backend
+
+
+def select(op: str, backend: str, device: torch.device, dtype: torch.dtype) -> Backend:
+    """The backend that runs ``op`` for tensors of this device and dtype."""
+    requested = requested_backend(backend)
+    auto_order = AUTO_ORDER.get(device.type, DEFAULT_ORDER)
+    candidates = auto_order if requested == "auto" else (requested, *auto_order)
+    reasons: dict[str, list[str]] = {}
+    for name in dict.fromkeys(candidates):
+        why = unsupported_reasons(name, op, device, dtype)
+        if not why:
+            # An explicit request that cannot run, or "auto" left with no fused backend, is
+            # a fallback worth telling; "auto" skipping to its second choice is not.
+            if reasons and (requested != "auto" or name == "torch"):
+                _fall_back(op, requested, name, reasons, device, dtype)
+            return load_backend(name)
+        reasons[name] = why
+    raise BackendUnavailableError(_describe(op, requested, reasons, device, dtype))
+
+
+def _describe(op: str, requested: str, reasons: dict[str, list[str]], device, dtype) -> str:
+    lines = [f"cossim_fast: no backend '{requested}' for {op} on {device.type} {dtype}:"]
+    lines += [f"  {name}: {'; '.join(why)}" for name, why in reasons.items()]
+    return "\n".join(lines)
+
+
+def _fall_back(op, requested, chosen, reasons, device, dtype) -> None:
+    message = _describe(op, requested, reasons, device, dtype) + f"\n  -> using '{chosen}'"
+    if _strict and requested != "auto":
+        raise BackendUnavailableError(message + " is refused: strict mode (COSSIM_FAST_STRICT=1) forbids fallback")
+    key = (op, requested, chosen)
+    if key not in _warned:
+        _warned.add(key)
+        warnings.warn(message, RuntimeWarning, stacklevel=3)
+
+
+def available_backends(device: str | torch.device | None = None) -> list[str]:
+    """Backends that can run the forward on ``device`` (default: any device of this machine)."""
+    if device is None:
+        devices = [torch.device("cpu")] + ([torch.device("cuda")] if torch.cuda.is_available() else [])
+    else:
+        devices = [torch.device(device)]
+    return [
+        name
+        for name in BACKEND_NAMES
+        if any(not unsupported_reasons(name, "max_forward", d, torch.float32) for d in devices)
+    ]

@@ -1,0 +1,69 @@
+"""The ring-buffer dictionary write of METHOD.md 5 in plain PyTorch, with no host sync.
+
+Instead of scattering the new rows (which would need their number on the host, or a scratch
+slot for dropped rows), every slot looks up which visited row, if any, lands on it. That keeps
+all shapes static, so nothing waits for the device, and the result is deterministic.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from cossim_fast.backends.rows import chunk_length, gather_rows
+
+
+def written_rows(counts_per_class: Tensor, first: Tensor, ptr: Tensor, slots: int) -> tuple[Tensor, Tensor]:
+    """For each slot ``(k, s)``: the rank ``r`` of the row written there and whether one is.
+
+    The row of rank ``r`` goes to ``(ptr[k] + r) % M``; only the last ``M`` of ``n_k`` survive, so
+    slot ``s`` holds the largest ``r < n_k`` with ``r = (s - ptr[k]) mod M`` (mod ``M``).
+    """
+    offset = torch.remainder(torch.arange(slots, device=ptr.device)[None, :] - ptr[:, None], slots)
+    n = counts_per_class[:, None]
+    written = offset < n
+    rank = offset + slots * torch.div((n - 1 - offset).clamp(min=0), slots, rounding_mode="floor")
+    return first[:, None] + rank, written
+
+
+def ring_buffer_update_torch(
+    bank: Tensor,
+    counts: Tensor,
+    ptr: Tensor,
+    features: Tensor,
+    labels: Tensor,
+    order: Tensor | None,
+    denom: Tensor,
+    max_per_class: int,
+    ignore_index: int,
+) -> None:
+    """In-place update; semantics in ``Backend.update`` (cossim_fast/backends/base.py)."""
+    num_classes, slots, dim = bank.shape
+    num_rows = labels.numel()
+    if num_rows == 0:
+        return
+    visit = order if order is not None else torch.arange(num_rows, device=labels.device)
+    visited_labels = labels[visit]
+    in_range = (visited_labels >= 0) & (visited_labels < num_classes)
+    key = torch.where(in_range, visited_labels, num_classes)
+    _, by_class = torch.sort(key, stable=True)  # visiting order kept within each class
+    rows_by_class = visit[by_class]
+    per_class = torch.zeros(num_classes + 1, dtype=torch.int64, device=labels.device)
+    per_class.scatter_add_(0, key, torch.ones_like(key))
+    first = torch.cumsum(per_class, 0) - per_class
+    taken = per_class[:num_classes]
+    if max_per_class >= 0:
+        taken = taken.clamp(max=max_per_class)
+
+    position, written = written_rows(taken, first[:num_classes], ptr, slots)
+    source = rows_by_class[torch.where(written, position, 0).clamp(max=num_rows - 1)].reshape(-1)
+    written = written.reshape(-1)
+    flat_bank = bank.view(num_classes * slots, dim)
+    chunk = chunk_length(dim * 8)
+    for start in range(0, num_classes * slots, chunk):
+        stop = min(num_classes * slots, start + chunk)
+        rows = source[start:stop]
+        fresh = (gather_rows(features, rows).float() / denom[rows, None]).to(bank.dtype)
+        flat_bank[start:stop] = torch.where(written[start:stop, None], fresh, flat_bank[start:stop])
+    ptr.copy_(torch.remainder(ptr + taken, slots))
+    counts.copy_((counts + taken).clamp(max=slots))

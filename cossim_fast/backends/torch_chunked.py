@@ -1,0 +1,97 @@
+"""The "torch" backend: the contract in plain PyTorch, on any device, in a fixed workspace.
+
+Rows are grouped by class (one sort on the device), and each class's rows meet only that
+class's valid slots, a bounded ``rows x slots`` block at a time. The running max/argmax keeps
+the earlier block on ties, so the lowest slot wins as in the reference. Its one host sync per
+call reads the class histogram and the bucket sizes to size the blocks.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+import torch
+from torch import Tensor
+
+from cossim_fast.backends import gradients
+from cossim_fast.backends.base import Backend
+from cossim_fast.backends.reference import EPS, accumulation_dtype
+from cossim_fast.backends.ring_buffer import ring_buffer_update_torch
+from cossim_fast.backends.rows import chunk_length, gather_rows
+
+
+def class_blocks(labels: Tensor, counts: Tensor, bank: Tensor) -> Iterator[tuple[Tensor, Tensor, int]]:
+    """Yield ``(rows, bucket, slot_offset)``: rows of one class against a chunk of its valid slots.
+
+    The row and slot chunks are sized so a ``rows x slots`` fp32 block plus the rows' fp32 copy
+    fit the workspace.
+    """
+    num_classes, _, dim = bank.shape
+    key = torch.where((labels >= 0) & (labels < num_classes), labels, num_classes)
+    by_class = torch.argsort(key, stable=True)
+    per_class = torch.zeros(num_classes + 1, dtype=torch.int64, device=labels.device)
+    per_class.scatter_add_(0, key, torch.ones_like(key))
+    host = torch.cat([per_class[:num_classes], counts]).tolist()  # the one host sync
+    rows_of, valid_of = host[:num_classes], host[num_classes:]
+    slot_chunk = chunk_length(dim * 4 * 4)
+    start = 0
+    for k in range(num_classes):
+        n_rows, n_valid = rows_of[k], valid_of[k]
+        if n_valid > 0:
+            for first_slot in range(0, n_valid, slot_chunk):
+                bucket = bank[k, first_slot : min(n_valid, first_slot + slot_chunk)]
+                row_chunk = chunk_length(bucket.shape[0] * 4 * 2 + dim * 4)
+                for first_row in range(start, start + n_rows, row_chunk):
+                    yield by_class[first_row : min(start + n_rows, first_row + row_chunk)], bucket, first_slot
+        start += n_rows
+
+
+def _normalized_dots(features: Tensor, rows: Tensor, bucket: Tensor, acc: torch.dtype) -> tuple[Tensor, Tensor]:
+    """Raw dot products of the rows with a bucket chunk, and the rows' inverse norms."""
+    x = gather_rows(features, rows).to(acc)
+    inv_norm = 1.0 / torch.linalg.vector_norm(x, dim=1).clamp_min(EPS)
+    return x @ bucket.to(acc).T, inv_norm
+
+
+class TorchBackend(Backend):
+    name = "torch"
+
+    def unsupported_reasons(self, op: str, device: torch.device, dtype: torch.dtype) -> list[str]:
+        return []
+
+    def max_forward(self, features, labels, bank, counts, ignore_index):
+        acc = accumulation_dtype(features.dtype)
+        values = torch.full(labels.shape, float("-inf"), dtype=acc, device=labels.device)
+        indices = torch.full(labels.shape, -1, dtype=torch.int64, device=labels.device)
+        for rows, bucket, first_slot in class_blocks(labels, counts, bank):
+            dots, inv_norm = _normalized_dots(features, rows, bucket, acc)
+            best = dots.argmax(dim=1)  # first maximal value: lowest slot in this chunk
+            sims = dots.gather(1, best[:, None]).squeeze(1) * inv_norm
+            better = sims > values[rows]  # strict: an earlier chunk keeps its tie
+            values[rows] = torch.where(better, sims, values[rows])
+            indices[rows] = torch.where(better, best + first_slot, indices[rows])
+        return values, indices
+
+    def max_backward(self, grad_values, features, labels, bank, values, indices):
+        return gradients.max_backward(grad_values, features, labels, bank, values, indices)
+
+    def all_forward(self, features, labels, bank, counts, threshold, ignore_index):
+        acc = accumulation_dtype(features.dtype)
+        num_rows, dim = labels.numel(), bank.shape[2]
+        count = torch.zeros(num_rows, dtype=torch.int64, device=labels.device)
+        ssum = torch.zeros(num_rows, dtype=acc, device=labels.device)
+        dsum = torch.zeros(num_rows, dim, dtype=acc, device=labels.device)
+        for rows, bucket, _ in class_blocks(labels, counts, bank):
+            dots, inv_norm = _normalized_dots(features, rows, bucket, acc)
+            sims = dots * inv_norm[:, None]
+            selected = sims > threshold
+            count[rows] += selected.sum(dim=1)
+            ssum[rows] += torch.where(selected, sims, 0).sum(dim=1)
+            dsum[rows] += selected.to(acc) @ bucket.to(acc)
+        return count, ssum, dsum
+
+    def all_backward(self, grad_ssum, features, ssum, dsum):
+        return gradients.all_backward(grad_ssum, features, ssum, dsum)
+
+    def update(self, bank, counts, ptr, features, labels, order, denom, max_per_class, ignore_index):
+        ring_buffer_update_torch(bank, counts, ptr, features, labels, order, denom, max_per_class, ignore_index)

@@ -1,0 +1,172 @@
+"""Input validation and the canonical layout every backend receives (METHOD.md 2 and 5b).
+
+Structural checks (types, shapes, devices) run in Python before any work and cost nothing.
+Value checks (NaN/inf, label and count ranges) read the data, so they run inside the
+registered ops (``torch.compile`` cannot branch on data) and can be switched off for speed.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from numbers import Real
+
+import torch
+from torch import Tensor
+
+FEATURE_DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
+MODES = ("max", "all")
+REDUCTIONS = ("mean", "class_mean")
+
+_check_values = os.environ.get("COSSIM_FAST_CHECK_VALUES", "1") != "0"
+
+
+def set_value_checks(enabled: bool) -> None:
+    """Turn the data-reading checks (NaN/inf, label and count ranges) on or off globally."""
+    global _check_values
+    _check_values = bool(enabled)
+
+
+def value_checks_enabled(override: bool | None = None) -> bool:
+    return _check_values if override is None else bool(override)
+
+
+@dataclass(frozen=True)
+class Rows:
+    """Features as a ``(B, P, C)`` view, labels as ``(N,)`` int64, and the per-row output shape."""
+
+    features: Tensor
+    labels: Tensor
+    row_shape: tuple[int, ...]
+
+
+def _require_tensor(name: str, value: object) -> Tensor:
+    if not isinstance(value, Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(value).__name__}")
+    return value
+
+
+def _require_integer_dtype(name: str, tensor: Tensor) -> None:
+    if tensor.dtype == torch.bool or tensor.is_floating_point() or tensor.is_complex():
+        raise TypeError(f"{name} must have an integer dtype (int64, int32, uint8, ...), got {tensor.dtype}")
+
+
+def _require_int(name: str, value: object) -> int:
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise TypeError(f"{name} must be an int, got {type(value).__name__}")
+    return value
+
+
+def rows_of(features: object, labels: object, dim: int, ignore_index: object) -> Rows:
+    """Check features/labels against the dictionary's ``dim`` and give their canonical rows.
+
+    ``N x C`` features become a ``(1, N, C)`` view and ``B x C x H x W`` maps the ``(B, H*W, C)``
+    view ``flatten(2).transpose(1, 2)``, which is free for contiguous and channels-last maps.
+    """
+    features = _require_tensor("features", features)
+    labels = _require_tensor("labels", labels)
+    _require_int("ignore_index", ignore_index)
+    if features.dtype not in FEATURE_DTYPES:
+        raise TypeError(f"features must be float32, bfloat16 or float16 (float64 for testing), got {features.dtype}")
+    _require_integer_dtype("labels", labels)
+    if features.device != labels.device:
+        raise ValueError(f"labels must be on the features' device {features.device}, got {labels.device}")
+    if features.dim() == 2:
+        num_rows, channels = features.shape
+        if labels.shape != (num_rows,):
+            raise ValueError(f"labels must have shape ({num_rows},) for features of shape {tuple(features.shape)}, got {tuple(labels.shape)}")
+        canonical, row_shape = features.unsqueeze(0), (num_rows,)
+    elif features.dim() == 4:
+        batch, channels, height, width = features.shape
+        if labels.shape != (batch, height, width):
+            raise ValueError(
+                f"labels must have shape ({batch}, {height}, {width}) (B x H x W) for features of shape "
+                f"{tuple(features.shape)} (B x C x H x W), got {tuple(labels.shape)}"
+            )
+        canonical, row_shape = features.flatten(2).transpose(1, 2), (batch, height, width)
+    else:
+        raise ValueError(f"features must be N x C or B x C x H x W, got {features.dim()} dims with shape {tuple(features.shape)}")
+    if channels != dim:
+        raise ValueError(f"features have C = {channels} channels but the dictionary stores C = {dim}")
+    return Rows(canonical, labels.reshape(-1).to(torch.int64), row_shape)
+
+
+def bank_dim(bank: object) -> int:
+    """The C of a ``K x M x C`` bank (checked before the features are, to compare with them)."""
+    bank = _require_tensor("bank", bank)
+    if bank.dim() != 3:
+        raise ValueError(f"bank must be K x M x C (3 dims), got shape {tuple(bank.shape)}")
+    return bank.shape[2]
+
+
+def check_dictionary(bank: object, counts: object, device: torch.device) -> tuple[Tensor, Tensor]:
+    """Check a ``K x M x C`` bank and its ``(K,)`` counts; return them contiguous, counts int64."""
+    bank = _require_tensor("bank", bank)
+    counts = _require_tensor("counts", counts)
+    bank_dim(bank)
+    if bank.dtype not in FEATURE_DTYPES:
+        raise TypeError(f"bank must be float32, bfloat16 or float16 (float64 for testing), got {bank.dtype}")
+    if bank.shape[0] == 0 or bank.shape[1] == 0:
+        raise ValueError(f"bank needs K >= 1 classes and M >= 1 slots, got shape {tuple(bank.shape)}")
+    _require_integer_dtype("counts", counts)
+    if counts.shape != (bank.shape[0],):
+        raise ValueError(f"counts must have shape (K,) = ({bank.shape[0]},), got {tuple(counts.shape)}")
+    for name, tensor in (("bank", bank), ("counts", counts)):
+        if tensor.device != device:
+            raise ValueError(f"{name} must be on the features' device {device}, got {tensor.device}")
+    return bank.contiguous(), counts.to(torch.int64).contiguous()
+
+
+def check_threshold(threshold: object) -> float:
+    if isinstance(threshold, bool) or not isinstance(threshold, Real):
+        raise TypeError(f"threshold must be a real number (a cosine similarity in [-1, 1]), got {type(threshold).__name__}")
+    threshold = float(threshold)
+    if threshold != threshold:
+        raise ValueError("threshold must not be NaN")
+    return threshold
+
+
+def check_choice(name: str, value: object, choices: tuple[str, ...]) -> str:
+    if value not in choices:
+        raise ValueError(f"{name} must be one of {choices}, got {value!r}")
+    return value
+
+
+def check_max_per_class(max_per_class: object) -> int:
+    """``None`` (no cap) becomes -1; otherwise a positive int."""
+    if max_per_class is None:
+        return -1
+    _require_int("max_per_class", max_per_class)
+    if max_per_class < 1:
+        raise ValueError(f"max_per_class must be None or an int >= 1, got {max_per_class}")
+    return max_per_class
+
+
+def _first_bad(mask: Tensor) -> int:
+    return int(mask.reshape(-1).nonzero()[0, 0])
+
+
+def check_feature_values(features: Tensor) -> None:
+    """Features must be finite (a NaN would poison the argmax and the dictionary)."""
+    if features.numel() and not torch.isfinite(features.sum(dtype=torch.float64)):
+        flat = features.reshape(-1, features.shape[-1])
+        row = _first_bad(~torch.isfinite(flat).all(dim=1))
+        raise ValueError(f"features contain NaN or inf (first at row {row}); pass check_values=False to skip this check")
+
+
+def check_label_values(labels: Tensor, num_classes: int, ignore_index: int) -> None:
+    bad = (labels != ignore_index) & ((labels < 0) | (labels >= num_classes))
+    if bad.any():
+        index = _first_bad(bad)
+        raise ValueError(
+            f"labels must be in [0, {num_classes}) or ignore_index={ignore_index}, "
+            f"got {int(labels.reshape(-1)[index])} at row {index}"
+        )
+
+
+def check_slot_values(name: str, values: Tensor, low: int, high: int) -> None:
+    """``values`` (counts or ptr) must lie in ``[low, high]``."""
+    bad = (values < low) | (values > high)
+    if bad.any():
+        index = _first_bad(bad)
+        raise ValueError(f"{name} must be in [{low}, {high}], got {int(values[index])} for class {index}")

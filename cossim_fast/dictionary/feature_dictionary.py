@@ -1,0 +1,126 @@
+"""The class-wise dictionary of recent source features: a ring buffer per class (METHOD.md 5)."""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor, nn
+
+import cossim_fast.ops.custom_ops  # noqa: F401  (registers torch.ops.cossim_fast.update_dictionary)
+from cossim_fast.backends import dispatch
+from cossim_fast.backends.reference import EPS
+from cossim_fast.contract import inputs
+from cossim_fast.dictionary.distributed import gather_from_all_ranks, world_size
+from cossim_fast.ops.loss import cosine_similarity_loss, max_cosine_similarity
+
+_BANK_DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
+
+
+def _positive_int(name: str, value: object) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ValueError(f"{name} must be an int >= 1, got {value!r}")
+    return value
+
+
+class FeatureDictionary(nn.Module):
+    """``K`` ring buffers of ``M`` unit-norm, detached ``C``-dim source features.
+
+    Buffers: ``bank`` (K x M x C), ``counts`` (valid slots per class) and ``ptr`` (next slot to
+    write), all saved in the state dict. Under ``torch.distributed`` (and ``sync_distributed``),
+    ``update`` gathers every rank's rows first so all ranks keep identical dictionaries.
+    """
+
+    def __init__(
+        self,
+        num_classes: int,
+        slots_per_class: int,
+        dim: int,
+        *,
+        device: torch.device | str | None = None,
+        dtype: torch.dtype = torch.float32,
+        sync_distributed: bool = True,
+    ) -> None:
+        super().__init__()
+        _positive_int("num_classes", num_classes)
+        _positive_int("slots_per_class", slots_per_class)
+        _positive_int("dim", dim)
+        if dtype not in _BANK_DTYPES:
+            raise TypeError(f"dtype must be float32, bfloat16 or float16, got {dtype}")
+        self.sync_distributed = sync_distributed
+        self.register_buffer("bank", torch.zeros(num_classes, slots_per_class, dim, device=device, dtype=dtype))
+        self.register_buffer("counts", torch.zeros(num_classes, dtype=torch.int64, device=device))
+        self.register_buffer("ptr", torch.zeros(num_classes, dtype=torch.int64, device=device))
+
+    @property
+    def num_classes(self) -> int:
+        return self.bank.shape[0]
+
+    @property
+    def slots_per_class(self) -> int:
+        return self.bank.shape[1]
+
+    @property
+    def dim(self) -> int:
+        return self.bank.shape[2]
+
+    def extra_repr(self) -> str:
+        return f"num_classes={self.num_classes}, slots_per_class={self.slots_per_class}, dim={self.dim}, dtype={self.bank.dtype}"
+
+    @torch.no_grad()
+    def update(
+        self,
+        features: Tensor,
+        labels: Tensor,
+        *,
+        max_per_class: int | None = None,
+        generator: torch.Generator | None = None,
+        ignore_index: int = 255,
+        backend: str = "auto",
+        check_values: bool | None = None,
+    ) -> None:
+        """Write normalized source features into their classes' ring buffers, in place.
+
+        ``features`` N x C with labels N, or B x C x H x W with labels B x H x W (ground truth
+        downsampled by nearest neighbour to the feature resolution). With a ``generator`` the
+        rows are visited in a random order drawn from it, so a ``max_per_class`` cap keeps a
+        random subset; without one, rows go in increasing order. No host synchronization.
+        """
+        dispatch.check_backend_name(backend)
+        cap = inputs.check_max_per_class(max_per_class)
+        if generator is not None and not isinstance(generator, torch.Generator):
+            raise TypeError(f"generator must be a torch.Generator or None, got {type(generator).__name__}")
+        rows = inputs.rows_of(features, labels, self.dim, ignore_index)
+        if rows.features.device != self.bank.device:
+            raise ValueError(f"features must be on the dictionary's device {self.bank.device}, got {rows.features.device}")
+        source, source_labels = rows.features.detach(), rows.labels
+        if self.sync_distributed and world_size() > 1:
+            flat, source_labels = gather_from_all_ranks(source.reshape(-1, self.dim), source_labels, ignore_index)
+            source = flat.unsqueeze(0)
+        order = None
+        if generator is not None:
+            order = torch.randperm(source_labels.numel(), generator=generator, device=generator.device).to(self.bank.device)
+        denom = torch.linalg.vector_norm(source, dim=2, dtype=torch.float32).clamp_min(EPS).reshape(-1)
+        torch.ops.cossim_fast.update_dictionary(
+            self.bank, self.counts, self.ptr, source, source_labels, order, denom, cap, ignore_index, backend,
+            inputs.value_checks_enabled(check_values),
+        )
+
+    def lookup(self, features: Tensor, labels: Tensor, *, ignore_index: int = 255, backend: str = "auto") -> tuple[Tensor, Tensor]:
+        """``(values, indices)`` of :func:`cossim_fast.max_cosine_similarity` against this dictionary."""
+        return max_cosine_similarity(features, labels, self.bank, self.counts, ignore_index=ignore_index, backend=backend)
+
+    def loss(
+        self,
+        features: Tensor,
+        labels: Tensor,
+        threshold: float,
+        *,
+        mode: str = "max",
+        reduction: str = "mean",
+        ignore_index: int = 255,
+        backend: str = "auto",
+    ) -> Tensor:
+        """:func:`cossim_fast.cosine_similarity_loss` of target features against this dictionary."""
+        return cosine_similarity_loss(
+            features, labels, self.bank, self.counts, threshold,
+            mode=mode, reduction=reduction, ignore_index=ignore_index, backend=backend,
+        )

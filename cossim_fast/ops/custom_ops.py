@@ -1,0 +1,110 @@
+"""The registered operators (``torch.ops.cossim_fast.*``) with their fake kernels.
+
+Registering them with ``torch.library`` makes each one opaque to ``torch.compile`` (it sees the
+fake kernel's shapes, not the Python inside), so the backend choice and the data-reading value
+checks happen at run time, inside the op, and ``fullgraph=True`` holds.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from cossim_fast.backends import dispatch
+from cossim_fast.backends.reference import accumulation_dtype
+from cossim_fast.contract import inputs
+
+
+def _check(features: Tensor, labels: Tensor, bank: Tensor, counts: Tensor, ignore_index: int) -> None:
+    inputs.check_feature_values(features)
+    inputs.check_label_values(labels, bank.shape[0], ignore_index)
+    inputs.check_slot_values("counts", counts, 0, bank.shape[1])
+
+
+@torch.library.custom_op("cossim_fast::max_cosine_forward", mutates_args=())
+def max_cosine_forward(
+    features: Tensor, labels: Tensor, bank: Tensor, counts: Tensor, ignore_index: int, backend: str, check_values: bool
+) -> tuple[Tensor, Tensor]:
+    if check_values:
+        _check(features, labels, bank, counts, ignore_index)
+    chosen = dispatch.select("max_forward", backend, features.device, features.dtype)
+    return chosen.max_forward(features, labels, bank, counts, ignore_index)
+
+
+@max_cosine_forward.register_fake
+def _(features, labels, bank, counts, ignore_index, backend, check_values):
+    rows = labels.shape[0]
+    return features.new_empty(rows, dtype=accumulation_dtype(features.dtype)), labels.new_empty(rows)
+
+
+@torch.library.custom_op("cossim_fast::max_cosine_backward", mutates_args=())
+def max_cosine_backward(
+    grad_values: Tensor, features: Tensor, labels: Tensor, bank: Tensor, values: Tensor, indices: Tensor, backend: str
+) -> Tensor:
+    chosen = dispatch.select("max_backward", backend, features.device, features.dtype)
+    return chosen.max_backward(grad_values, features, labels, bank, values, indices)
+
+
+@max_cosine_backward.register_fake
+def _(grad_values, features, labels, bank, values, indices, backend):
+    return features.new_empty(labels.shape[0], features.shape[2])
+
+
+@torch.library.custom_op("cossim_fast::thresholded_cosine_forward", mutates_args=())
+def thresholded_cosine_forward(
+    features: Tensor,
+    labels: Tensor,
+    bank: Tensor,
+    counts: Tensor,
+    threshold: float,
+    ignore_index: int,
+    backend: str,
+    check_values: bool,
+) -> tuple[Tensor, Tensor, Tensor]:
+    if check_values:
+        _check(features, labels, bank, counts, ignore_index)
+    chosen = dispatch.select("all_forward", backend, features.device, features.dtype)
+    return chosen.all_forward(features, labels, bank, counts, threshold, ignore_index)
+
+
+@thresholded_cosine_forward.register_fake
+def _(features, labels, bank, counts, threshold, ignore_index, backend, check_values):
+    rows, acc = labels.shape[0], accumulation_dtype(features.dtype)
+    return labels.new_empty(rows), features.new_empty(rows, dtype=acc), features.new_empty(rows, features.shape[2], dtype=acc)
+
+
+@torch.library.custom_op("cossim_fast::thresholded_cosine_backward", mutates_args=())
+def thresholded_cosine_backward(grad_ssum: Tensor, features: Tensor, ssum: Tensor, dsum: Tensor, backend: str) -> Tensor:
+    chosen = dispatch.select("all_backward", backend, features.device, features.dtype)
+    return chosen.all_backward(grad_ssum, features, ssum, dsum)
+
+
+@thresholded_cosine_backward.register_fake
+def _(grad_ssum, features, ssum, dsum, backend):
+    return features.new_empty(dsum.shape[0], features.shape[2])
+
+
+@torch.library.custom_op("cossim_fast::update_dictionary", mutates_args=("bank", "counts", "ptr"))
+def update_dictionary(
+    bank: Tensor,
+    counts: Tensor,
+    ptr: Tensor,
+    features: Tensor,
+    labels: Tensor,
+    order: Tensor | None,
+    denom: Tensor,
+    max_per_class: int,
+    ignore_index: int,
+    backend: str,
+    check_values: bool,
+) -> None:
+    if check_values:
+        _check(features, labels, bank, counts, ignore_index)
+        inputs.check_slot_values("ptr", ptr, 0, bank.shape[1] - 1)
+    chosen = dispatch.select("update", backend, bank.device, bank.dtype)
+    chosen.update(bank, counts, ptr, features, labels, order, denom, max_per_class, ignore_index)
+
+
+@update_dictionary.register_fake
+def _(bank, counts, ptr, features, labels, order, denom, max_per_class, ignore_index, backend, check_values):
+    return None

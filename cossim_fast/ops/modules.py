@@ -1,0 +1,54 @@
+"""``CosineSimilarityLoss``: the loss as an ``nn.Module`` holding its settings (and a dictionary)."""
+
+from __future__ import annotations
+
+from torch import Tensor, nn
+
+from cossim_fast.backends import dispatch
+from cossim_fast.contract import inputs
+from cossim_fast.ops.loss import loss_terms, reduce_terms
+
+
+class CosineSimilarityLoss(nn.Module):
+    """Pull target features toward their most similar same-class source features.
+
+    ``loss = criterion(features, labels)`` uses the dictionary given at construction;
+    ``criterion(features, labels, dictionary)`` uses another. After each call,
+    ``last_selected_fraction`` holds the fraction of non-ignored target rows whose terms passed
+    the threshold (a tensor, so reading it costs no sync until you print it).
+    """
+
+    def __init__(
+        self,
+        threshold: float,
+        *,
+        mode: str = "max",
+        reduction: str = "mean",
+        backend: str = "auto",
+        ignore_index: int = 255,
+        dictionary: nn.Module | None = None,
+    ) -> None:
+        super().__init__()
+        self.threshold = inputs.check_threshold(threshold)
+        self.mode = inputs.check_choice("mode", mode, inputs.MODES)
+        self.reduction = inputs.check_choice("reduction", reduction, inputs.REDUCTIONS)
+        dispatch.check_backend_name(backend)
+        self.backend = backend
+        self.ignore_index = ignore_index
+        self.dictionary = dictionary
+        self.last_selected_fraction: Tensor | None = None
+
+    def extra_repr(self) -> str:
+        return f"threshold={self.threshold}, mode={self.mode!r}, reduction={self.reduction!r}, backend={self.backend!r}"
+
+    def forward(self, features: Tensor, labels: Tensor, dictionary: nn.Module | None = None) -> Tensor:
+        dictionary = dictionary if dictionary is not None else self.dictionary
+        if dictionary is None:
+            raise ValueError("dictionary must be given, at construction or in the call (a FeatureDictionary)")
+        loss_sum, selected, flat_labels = loss_terms(
+            features, labels, dictionary.bank, dictionary.counts, self.threshold,
+            mode=self.mode, ignore_index=self.ignore_index, backend=self.backend,
+        )
+        rows_used = (flat_labels != self.ignore_index).sum().clamp(min=1)
+        self.last_selected_fraction = ((selected > 0).sum() / rows_used).detach()
+        return reduce_terms(loss_sum, selected, flat_labels, dictionary.bank.shape[0], self.reduction)

@@ -1,0 +1,128 @@
+"""The ring-buffer dictionary against a plain Python model, across backends, and its hazards."""
+
+import pytest
+import torch
+
+import cossim_fast
+from cases import IGNORE, fused_backends, make_rows
+
+UPDATE_BACKENDS = ["torch"] + [b for b in fused_backends("cpu") if b not in ("torch",)]
+
+
+class SlotModel:
+    """The slow obvious ring buffer: one list of M slots and a pointer per class."""
+
+    def __init__(self, num_classes, slots):
+        self.slots = [[None] * slots for _ in range(num_classes)]
+        self.ptr = [0] * num_classes
+        self.count = [0] * num_classes
+
+    def update(self, features, labels, order, cap):
+        taken = [0] * len(self.slots)
+        for row in order:
+            k = int(labels[row])
+            if k == IGNORE or (cap is not None and taken[k] >= cap):
+                continue
+            taken[k] += 1
+            size = len(self.slots[k])
+            self.slots[k][self.ptr[k]] = torch.nn.functional.normalize(features[row].double(), dim=0)
+            self.ptr[k] = (self.ptr[k] + 1) % size
+            self.count[k] = min(size, self.count[k] + 1)
+
+    def check(self, dictionary, atol):
+        assert dictionary.ptr.tolist() == self.ptr and dictionary.counts.tolist() == self.count
+        for k, slots in enumerate(self.slots):
+            for s, expected in enumerate(slots):
+                if expected is None:
+                    assert torch.count_nonzero(dictionary.bank[k, s]) == 0
+                else:
+                    torch.testing.assert_close(dictionary.bank[k, s].double(), expected, atol=atol, rtol=0)
+
+
+@pytest.mark.parametrize("backend", UPDATE_BACKENDS)
+@pytest.mark.parametrize("cap", [None, 3])
+@pytest.mark.parametrize("shuffle", [False, True])
+def test_updates_match_the_slot_model(backend, cap, shuffle):
+    num_classes, slots, dim = 4, 5, 7
+    dictionary = cossim_fast.FeatureDictionary(num_classes, slots, dim)
+    model = SlotModel(num_classes, slots)
+    generator = torch.Generator().manual_seed(3) if shuffle else None
+    # Batches of 0, 1, a few and many (n > M) rows per class exercise wrap-around and overflow.
+    for num_rows in [3, 0, 1, 17, 40, 6]:
+        features, labels = make_rows(num_rows, dim, num_classes, ignore_share=0.2)
+        labels[: num_rows // 2] = 2  # class 2 gets n > M in the large batches
+        if generator is not None:
+            order = torch.randperm(num_rows, generator=generator.clone_state()).tolist()
+        else:
+            order = range(num_rows)
+        dictionary.update(features, labels, max_per_class=cap, generator=generator, backend=backend)
+        model.update(features, labels, order, cap)
+        model.check(dictionary, atol=1e-6)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+def test_every_backend_writes_the_same_bits(dtype):
+    banks = []
+    for backend in ["reference", *UPDATE_BACKENDS]:
+        torch.manual_seed(1)
+        dictionary = cossim_fast.FeatureDictionary(5, 9, 13, dtype=dtype)
+        generator = torch.Generator().manual_seed(7)
+        for num_rows in [11, 50, 2]:
+            features, labels = make_rows(num_rows, 13, 5)
+            dictionary.update(features.to(dtype), labels, max_per_class=12, generator=generator, backend=backend)
+        banks.append(dictionary.state_dict())
+    for other in banks[1:]:
+        for name in ("bank", "counts", "ptr"):
+            assert torch.equal(banks[0][name], other[name]), name
+
+
+def test_feature_maps_update_in_row_order():
+    dictionary = cossim_fast.FeatureDictionary(3, 50, 4)
+    maps = torch.randn(2, 4, 3, 5).to(memory_format=torch.channels_last)
+    labels = torch.randint(0, 3, (2, 3, 5))
+    dictionary.update(maps, labels)
+    flat = cossim_fast.FeatureDictionary(3, 50, 4)
+    flat.update(maps.permute(0, 2, 3, 1).reshape(-1, 4), labels.reshape(-1))
+    assert torch.equal(dictionary.bank, flat.bank) and torch.equal(dictionary.counts, flat.counts)
+
+
+def test_state_dict_round_trip():
+    dictionary = cossim_fast.FeatureDictionary(3, 6, 5, dtype=torch.bfloat16)
+    features, labels = make_rows(20, 5, 3)
+    dictionary.update(features, labels)
+    restored = cossim_fast.FeatureDictionary(3, 6, 5, dtype=torch.bfloat16)
+    restored.load_state_dict(dictionary.state_dict())
+    for name in ("bank", "counts", "ptr"):
+        assert torch.equal(getattr(restored, name), getattr(dictionary, name))
+    features, labels = make_rows(9, 5, 3)
+    dictionary.update(features, labels)
+    restored.update(features, labels)
+    assert torch.equal(restored.bank, dictionary.bank) and torch.equal(restored.ptr, dictionary.ptr)
+
+
+@pytest.mark.parametrize("mode", ["max", "all"])
+def test_update_between_forward_and_backward_raises(mode):
+    dictionary = cossim_fast.FeatureDictionary(2, 4, 3)
+    dictionary.update(*make_rows(10, 3, 2, ignore_share=0.0))
+    features = torch.randn(6, 3, requires_grad=True)
+    loss = dictionary.loss(features, torch.zeros(6, dtype=torch.long), -1.0, mode=mode)
+    dictionary.update(*make_rows(10, 3, 2, ignore_share=0.0))
+    with pytest.raises(RuntimeError, match="dictionary bank was modified"):
+        loss.backward()
+
+
+def test_update_after_backward_is_fine():
+    dictionary = cossim_fast.FeatureDictionary(2, 4, 3)
+    dictionary.update(*make_rows(10, 3, 2, ignore_share=0.0))
+    features = torch.randn(6, 3, requires_grad=True)
+    dictionary.loss(features, torch.zeros(6, dtype=torch.long), -1.0).backward()
+    dictionary.update(*make_rows(10, 3, 2, ignore_share=0.0))
+    assert features.grad is not None
+
+
+def test_stored_entries_are_unit_norm_and_detached():
+    dictionary = cossim_fast.FeatureDictionary(2, 8, 6)
+    features = (torch.randn(12, 6) * 10).requires_grad_(True)
+    dictionary.update(features, torch.tensor([0, 1] * 6))
+    assert not dictionary.bank.requires_grad
+    torch.testing.assert_close(dictionary.bank[:, :6].norm(dim=2), torch.ones(2, 6))
