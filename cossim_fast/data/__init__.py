@@ -1,0 +1,63 @@
+"""Datasets (GTA5, SYNTHIA, Cityscapes layouts), label-id tables and the synthetic UDA data."""
+
+from cossim_fast.data.datasets import (
+    DATASETS,
+    IMAGENET_MEAN,
+    IMAGENET_STD,
+    CityscapesDataset,
+    DatasetError,
+    GTA5Dataset,
+    ScanReport,
+    SegmentationDataset,
+    SynthiaDataset,
+    read_synthia_label,
+)
+from cossim_fast.data.labels import (
+    CITYSCAPES_ID_TO_TRAINID,
+    CLASS_NAMES,
+    GTA5_ID_TO_TRAINID,
+    IGNORE_INDEX,
+    NUM_CLASSES,
+    PALETTE,
+    PROTOCOLS,
+    SYNTHIA_ID_TO_TRAINID,
+    TRAINID_TO_CITYSCAPES_ID,
+    colorize,
+    map_ids,
+    protocol_classes,
+)
+from cossim_fast.data.synthetic import (
+    DEFAULT_STYLE_STRENGTH,
+    SYNTHETIC_CLASSES,
+    draw_sample,
+    generate_synthetic_uda,
+)
+
+__all__ = [
+    "CITYSCAPES_ID_TO_TRAINID",
+    "CLASS_NAMES",
+    "DATASETS",
+    "DEFAULT_STYLE_STRENGTH",
+    "GTA5_ID_TO_TRAINID",
+    "IGNORE_INDEX",
+    "IMAGENET_MEAN",
+    "IMAGENET_STD",
+    "NUM_CLASSES",
+    "PALETTE",
+    "PROTOCOLS",
+    "SYNTHETIC_CLASSES",
+    "SYNTHIA_ID_TO_TRAINID",
+    "TRAINID_TO_CITYSCAPES_ID",
+    "CityscapesDataset",
+    "DatasetError",
+    "GTA5Dataset",
+    "ScanReport",
+    "SegmentationDataset",
+    "SynthiaDataset",
+    "colorize",
+    "draw_sample",
+    "generate_synthetic_uda",
+    "map_ids",
+    "protocol_classes",
+    "read_synthia_label",
+]
