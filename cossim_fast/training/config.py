@@ -1,0 +1,234 @@
+"""Training configuration: typed dataclasses, loaded from YAML with strict validation.
+
+An unknown key or a value of the wrong type is an error naming its dotted path, found when the
+file is read, not hours into a run. ``--set a.b=value`` overrides use the same checks.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+
+class ConfigError(ValueError):
+    """A configuration file or override that does not match the schema."""
+
+
+@dataclass
+class DomainConfig:
+    kind: str = "gta5"  # gta5 | synthia | cityscapes
+    root: str = "data/synthetic/gta5"
+    split: str = "train"  # cityscapes only
+    size: list[int] = field(default_factory=lambda: [128, 64])  # (width, height) after resize
+
+
+@dataclass
+class SyntheticConfig:
+    """The embedded default data: generated into ``root`` before training when enabled."""
+
+    enabled: bool = True
+    root: str = "data/synthetic"
+    seed: int = 0
+    num_source: int = 1000
+    num_target_train: int = 1000
+    num_target_val: int = 200
+    size: list[int] = field(default_factory=lambda: [128, 64])
+    style_strength: float = 0.3
+
+
+@dataclass
+class DataConfig:
+    source: DomainConfig = field(default_factory=DomainConfig)
+    target: DomainConfig = field(default_factory=lambda: DomainConfig(kind="cityscapes", root="data/synthetic/cityscapes"))
+    val: DomainConfig = field(
+        default_factory=lambda: DomainConfig(kind="cityscapes", root="data/synthetic/cityscapes", split="val")
+    )
+    synthetic: SyntheticConfig = field(default_factory=SyntheticConfig)
+    num_workers: int = 0
+    flip: bool = True
+    protocols: list[int] = field(default_factory=lambda: [19])
+
+
+@dataclass
+class ModelConfig:
+    name: str = "deeplabv2_small"
+    pretrained: str | None = None  # a local torchvision-format ResNet state dict
+    feature_point: str = "backbone"  # backbone | pre_activation
+    freeze_bn: bool = False
+
+
+@dataclass
+class OptimConfig:
+    name: str = "sgd"  # sgd | adamw
+    lr: float = 2.5e-4
+    head_lr_mult: float = 10.0
+    momentum: float = 0.9
+    weight_decay: float = 5e-4
+    poly_power: float = 0.9
+
+
+@dataclass
+class CosineConfig:
+    """The cosine-similarity loss (METHOD.md 4-6); the levers that decide whether it helps."""
+
+    enabled: bool = True
+    weight: float = 0.1  # lambda_cos
+    threshold: float = 0.9  # tau, strict >
+    mode: str = "max"  # max | all
+    reduction: str = "class_mean"  # mean | class_mean
+    slots_per_class: int = 1024  # M
+    max_per_class: int | None = 64  # rows written per class per update
+    pseudo_threshold: float = 0.8  # keep target pseudo-labels above this softmax confidence
+    class_cap: float | None = 0.3  # at most this share of kept target rows per class
+    warmup_iters: int = 0  # loss off before this iteration
+    ramp_iters: int = 0  # then its weight rises linearly over this many iterations
+    backend: str = "auto"
+
+
+@dataclass
+class EntropyConfig:
+    """Entropy minimization on the target (ADVENT's MinEnt), an optional base UDA loss."""
+
+    weight: float = 0.0
+
+
+@dataclass
+class TrainConfig:
+    iterations: int = 600
+    batch_size_source: int = 4
+    batch_size_target: int = 4
+    grad_accum: int = 1
+    amp: str = "none"  # none | bf16 | fp16 (GPU)
+    log_every: int = 20
+    eval_every: int = 200
+    checkpoint_every: int = 200
+    device: str = "auto"  # auto | cpu | cuda
+    threads: int | None = None  # torch.set_num_threads on CPU
+
+
+@dataclass
+class Config:
+    seed: int = 0
+    output_dir: str = "runs/default"
+    data: DataConfig = field(default_factory=DataConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    cosine: CosineConfig = field(default_factory=CosineConfig)
+    entropy: EntropyConfig = field(default_factory=EntropyConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+
+
+CHOICES = {
+    "data.source.kind": ("gta5", "synthia", "cityscapes"),
+    "data.target.kind": ("gta5", "synthia", "cityscapes"),
+    "data.val.kind": ("gta5", "synthia", "cityscapes"),
+    "model.feature_point": ("backbone", "pre_activation"),
+    "optim.name": ("sgd", "adamw"),
+    "cosine.mode": ("max", "all"),
+    "cosine.reduction": ("mean", "class_mean"),
+    "cosine.backend": ("auto", "reference", "torch", "triton", "cuda"),
+    "train.amp": ("none", "bf16", "fp16"),
+    "train.device": ("auto", "cpu", "cuda"),
+}
+
+
+def _check_value(path: str, annotation: Any, value: Any, default: Any = None) -> Any:
+    """``value`` converted to ``annotation``, or a ConfigError naming ``path``."""
+    origin = typing.get_origin(annotation)
+    if origin in (typing.Union, types.UnionType):
+        options = typing.get_args(annotation)
+        if value is None and type(None) in options:
+            return None
+        (annotation,) = [option for option in options if option is not type(None)]
+        origin = typing.get_origin(annotation)
+    if dataclasses.is_dataclass(annotation):
+        return _build(annotation, value, path, default)
+    if origin is list:
+        (item,) = typing.get_args(annotation)
+        if not isinstance(value, list):
+            raise ConfigError(f"{path}: expected a list of {item.__name__}, got {value!r}")
+        return [_check_value(f"{path}[{i}]", item, v) for i, v in enumerate(value)]
+    if annotation is float and isinstance(value, int) and not isinstance(value, bool):
+        value = float(value)
+    if annotation is bool and not isinstance(value, bool) or not isinstance(value, annotation) or (
+        annotation is int and isinstance(value, bool)
+    ):
+        raise ConfigError(f"{path}: expected {annotation.__name__}, got {type(value).__name__} {value!r}")
+    if path in CHOICES and value not in CHOICES[path]:
+        raise ConfigError(f"{path}: expected one of {CHOICES[path]}, got {value!r}")
+    return value
+
+
+def _build(cls: type, values: Any, path: str = "", defaults: Any = None) -> Any:
+    """``cls`` from ``values``; missing keys keep ``defaults`` (the parent's default for a
+    nested section, which may differ from the section class's own defaults)."""
+    if not isinstance(values, dict):
+        raise ConfigError(f"{path or 'config'}: expected a mapping, got {type(values).__name__}")
+    hints = typing.get_type_hints(cls)
+    names = {f.name for f in dataclasses.fields(cls)}
+    for key in values:
+        if key not in names:
+            raise ConfigError(f"unknown key {path + '.' if path else ''}{key} (known: {', '.join(sorted(names))})")
+    defaults = defaults if defaults is not None else cls()
+    kwargs = {}
+    for name in names:
+        dotted = f"{path}.{name}" if path else name
+        if name in values:
+            kwargs[name] = _check_value(dotted, hints[name], values[name], getattr(defaults, name))
+        else:
+            kwargs[name] = getattr(defaults, name)
+    return cls(**kwargs)
+
+
+def _merge(base: dict, override: dict) -> dict:
+    merged = dict(base)
+    for key, value in override.items():
+        merged[key] = _merge(merged[key], value) if isinstance(value, dict) and isinstance(merged.get(key), dict) else value
+    return merged
+
+
+def parse_override(text: str) -> dict:
+    """``"cosine.weight=0.05"`` -> ``{"cosine": {"weight": 0.05}}`` (the value parsed as YAML)."""
+    if "=" not in text:
+        raise ConfigError(f"override {text!r}: expected dotted.key=value")
+    key, raw = text.split("=", 1)
+    nested: dict = {}
+    cursor = nested
+    parts = key.strip().split(".")
+    for part in parts[:-1]:
+        cursor = cursor.setdefault(part, {})
+    cursor[parts[-1]] = yaml.safe_load(raw)
+    return nested
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> Config:
+    """The defaults, then the YAML file at ``path``, then ``key=value`` overrides, all checked."""
+    values: dict = {}
+    if path is not None:
+        path = Path(path)
+        if not path.is_file():
+            raise ConfigError(f"config file {path} does not exist")
+        loaded = yaml.safe_load(path.read_text()) or {}
+        if not isinstance(loaded, dict):
+            raise ConfigError(f"{path}: expected a mapping at the top level")
+        values = loaded
+    for text in overrides or []:
+        values = _merge(values, parse_override(text))
+    config = _build(Config, values)
+    if config.train.iterations < 1 or config.train.grad_accum < 1:
+        raise ConfigError("train.iterations and train.grad_accum must be >= 1")
+    return config
+
+
+def to_dict(config: Config) -> dict:
+    return dataclasses.asdict(config)
+
+
+def save_config(config: Config, path: str | Path) -> None:
+    Path(path).write_text(yaml.safe_dump(to_dict(config), sort_keys=False))

@@ -1,0 +1,324 @@
+"""The UDA training loop of METHOD.md 6: source cross-entropy, dictionary update, target
+pseudo-labels and the cosine-similarity loss, on one process or many (torchrun + DDP)."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import cossim_fast
+from cossim_fast.data import DATASETS, IGNORE_INDEX, NUM_CLASSES, generate_synthetic_uda
+from cossim_fast.evaluation import ConfusionMatrix
+from cossim_fast.models import build_model
+from cossim_fast.training import checkpoint, distributed, reporting
+from cossim_fast.training.config import Config, DomainConfig, save_config, to_dict
+from cossim_fast.training.streams import CachedDataset, batch_stream
+from cossim_fast.training.target_losses import class_shares, downsample_labels, entropy_loss, pseudo_labels
+
+CHECKPOINT_DIR = "checkpoints"
+
+
+def make_dataset(domain: DomainConfig, *, labels: bool, full_resolution_labels: bool = False):
+    """A dataset of the configured layout, checked before training starts (pre-flight)."""
+    kind = DATASETS[domain.kind]
+    options: dict[str, Any] = dict(load_labels=labels, resize=tuple(domain.size), resize_label=not full_resolution_labels)
+    if domain.kind == "cityscapes":
+        options["split"] = domain.split
+    dataset = kind(domain.root, **options)
+    dataset.preflight()
+    return dataset
+
+
+def loss_weight(config: Config, iteration: int) -> float:
+    """``lambda_cos``: off during the warm-up, then ramped linearly to its full value."""
+    cosine = config.cosine
+    if not cosine.enabled or iteration < cosine.warmup_iters:
+        return 0.0
+    if cosine.ramp_iters <= 0:
+        return cosine.weight
+    return cosine.weight * min(1.0, (iteration - cosine.warmup_iters + 1) / cosine.ramp_iters)
+
+
+def poly_factor(config: Config, iteration: int) -> float:
+    return (1.0 - iteration / config.train.iterations) ** config.optim.poly_power
+
+
+def _peak_memory_mib(device: torch.device) -> float:
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**20
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+@dataclass
+class StepStats:
+    """Per-iteration quantities summed on the device and read only at log time."""
+
+    sums: dict[str, torch.Tensor] = field(default_factory=dict)
+    counts: dict[str, int] = field(default_factory=dict)
+
+    def add(self, values: dict[str, torch.Tensor]) -> None:
+        for name, value in values.items():
+            value = value.detach().float()
+            self.sums[name] = self.sums[name] + value if name in self.sums else value.clone()
+            self.counts[name] = self.counts.get(name, 0) + 1
+
+    def means(self) -> dict[str, Any]:
+        result = {name: (total / self.counts[name]).tolist() for name, total in self.sums.items()}
+        self.sums, self.counts = {}, {}
+        return result
+
+
+class Trainer:
+    """Builds everything from a :class:`Config` and runs (or resumes) the training."""
+
+    def __init__(self, config: Config, *, resume: str | None = "auto", progress: bool = True) -> None:
+        self.config = config
+        self.context = distributed.setup(config.train.device)
+        self.device = self.context.device
+        self.progress = progress and self.context.is_main
+        self.run_dir = Path(config.output_dir)
+        if config.train.threads and self.device.type == "cpu":
+            torch.set_num_threads(config.train.threads)
+        torch.manual_seed(config.seed)
+
+        if config.data.synthetic.enabled:
+            self._generate_synthetic_data()
+        self.source = make_dataset(config.data.source, labels=True)
+        self.target = make_dataset(config.data.target, labels=False)
+        self.val = make_dataset(config.data.val, labels=True, full_resolution_labels=True)
+        if config.data.num_workers == 0:
+            self.source, self.target = CachedDataset(self.source), CachedDataset(self.target)
+
+        model = build_model(
+            config.model.name, NUM_CLASSES, pretrained=config.model.pretrained,
+            feature_point=config.model.feature_point, freeze_bn=config.model.freeze_bn or None,
+        ).to(self.device)
+        self.model = model
+        self.net = distributed.wrap(model, self.context)
+        self.optimizer = self._make_optimizer(model)
+        self.scaler = torch.amp.GradScaler(self.device.type, enabled=config.train.amp == "fp16" and self.device.type == "cuda")
+        self.dictionary = cossim_fast.FeatureDictionary(
+            NUM_CLASSES, config.cosine.slots_per_class, model.feature_channels, device=self.device
+        )
+        self.criterion = cossim_fast.CosineSimilarityLoss(
+            config.cosine.threshold, mode=config.cosine.mode, reduction=config.cosine.reduction,
+            backend=config.cosine.backend, dictionary=self.dictionary,
+        )
+        self.iteration = 0
+        self.best_miou = -1.0
+        self.history: list[dict[str, Any]] = []
+        if resume is not None:
+            self._resume(resume)
+        if self.context.is_main:
+            self.run_dir.mkdir(parents=True, exist_ok=True)
+            save_config(config, self.run_dir / "config.yaml")
+
+    # --- setup ----------------------------------------------------------------------------
+
+    def _generate_synthetic_data(self) -> None:
+        synthetic = self.config.data.synthetic
+        if self.context.is_main:
+            generate_synthetic_uda(
+                synthetic.root, seed=synthetic.seed, num_source=synthetic.num_source,
+                num_target_train=synthetic.num_target_train, num_target_val=synthetic.num_target_val,
+                size=tuple(synthetic.size), style_strength=synthetic.style_strength,
+            )
+        distributed.barrier(self.context)
+
+    def _make_optimizer(self, model: nn.Module) -> torch.optim.Optimizer:
+        optim = self.config.optim
+        groups = model.parameter_groups(optim.lr, head_lr_mult=optim.head_lr_mult)
+        if optim.name == "sgd":
+            return torch.optim.SGD(groups, lr=optim.lr, momentum=optim.momentum, weight_decay=optim.weight_decay)
+        return torch.optim.AdamW(groups, lr=optim.lr, weight_decay=optim.weight_decay)
+
+    def _resume(self, resume: str) -> None:
+        path = self.run_dir / CHECKPOINT_DIR / "last.pt" if resume == "auto" else Path(resume)
+        if resume == "auto" and not path.is_file():
+            return
+        state = checkpoint.load(path, map_location=self.device)
+        self.model.load_state_dict(state["model"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.scaler.load_state_dict(state["scaler"])
+        self.dictionary.load_state_dict(state["dictionary"])
+        self.iteration = state["iteration"]
+        self.best_miou = state["best_miou"]
+        self.history = [json.loads(line) for line in state["history"]]
+        checkpoint.set_rng_state(state["rng"])
+        if self.context.is_main:
+            print(f"resumed from {path} at iteration {self.iteration}")
+
+    def save_checkpoint(self, name: str) -> None:
+        if not self.context.is_main:
+            return
+        payload = {
+            "model": self.model.state_dict(),
+            "optimizer": self.optimizer.state_dict(),
+            "scaler": self.scaler.state_dict(),
+            "dictionary": self.dictionary.state_dict(),
+            "iteration": self.iteration,
+            "best_miou": self.best_miou,
+            "history": [json.dumps(row) for row in self.history],
+            "rng": checkpoint.rng_state(),
+            "config": json.dumps(to_dict(self.config)),
+        }
+        checkpoint.save_atomic(payload, self.run_dir / CHECKPOINT_DIR / f"{name}.pt")
+
+    # --- one iteration --------------------------------------------------------------------
+
+    def _autocast(self):
+        amp = self.config.train.amp
+        if amp == "none" or self.device.type != "cuda":
+            return contextlib.nullcontext()
+        return torch.autocast("cuda", dtype=torch.bfloat16 if amp == "bf16" else torch.float16)
+
+    def _backward(self, loss: torch.Tensor, sync: bool) -> None:
+        context = contextlib.nullcontext() if sync or self.net is self.model else self.net.no_sync()
+        with context:
+            self.scaler.scale(loss / self.config.train.grad_accum).backward()
+
+    def _micro_step(self, source, target, iteration: int, last: bool) -> dict[str, torch.Tensor]:
+        config = self.config
+        images, labels = (t.to(self.device, non_blocking=True) for t in source)
+        weight = loss_weight(config, iteration)
+        needs_target = weight > 0 or config.entropy.weight > 0
+        with self._autocast():
+            out = self.net(images)
+            logits = F.interpolate(out.logits, size=labels.shape[-2:], mode="bilinear", align_corners=False)
+            ce = F.cross_entropy(logits.float(), labels, ignore_index=IGNORE_INDEX)
+        self._backward(ce, sync=last and not needs_target)
+        stats = {"loss_ce": ce}
+        if not needs_target:
+            return stats
+
+        if config.cosine.enabled:
+            generator = torch.Generator(device=self.device).manual_seed(config.seed * 7_919 + iteration)
+            self.dictionary.update(
+                out.features.detach().float(), downsample_labels(labels, out.features.shape[-2:]),
+                max_per_class=config.cosine.max_per_class, generator=generator,
+            )
+        target_images = target[0].to(self.device, non_blocking=True)
+        with self._autocast():
+            out_t = self.net(target_images)
+            pseudo = pseudo_labels(out_t.logits, config.cosine.pseudo_threshold, config.cosine.class_cap)
+            # The zero term puts every parameter in this backward's graph: DDP reduces the
+            # gradients accumulated over the iteration in it, and expects all of them there.
+            total = 0.0 * out_t.logits.float().mean()
+            if weight > 0:
+                loss_cos = self.criterion(out_t.features, pseudo)
+                total = total + weight * loss_cos
+                stats["loss_cos"] = loss_cos
+                stats["selected"] = self.criterion.last_selected_fraction
+            if config.entropy.weight > 0:
+                loss_ent = entropy_loss(out_t.logits)
+                total = total + config.entropy.weight * loss_ent
+                stats["loss_ent"] = loss_ent
+        self._backward(total, sync=last)
+        stats["pseudo_kept"] = (pseudo != IGNORE_INDEX).float().mean()
+        stats["pseudo_share"] = class_shares(pseudo, NUM_CLASSES)
+        return stats
+
+    def train(self) -> dict[str, Any]:
+        """Run from the current iteration to the end; returns the last evaluation."""
+        config, context = self.config, self.context
+        streams = [
+            batch_stream(dataset, batch, config.seed + offset, rank=context.rank, world=context.world,
+                         start=self.iteration * config.train.grad_accum, num_workers=config.data.num_workers,
+                         flip=config.data.flip)
+            for dataset, batch, offset in (
+                (self.source, config.train.batch_size_source, 0),
+                (self.target, config.train.batch_size_target, 1),
+            )
+        ]
+        self.net.train()
+        stats = StepStats()
+        bar = reporting.progress(config.train.iterations, self.iteration, "train", enabled=self.progress)
+        window_start, result = time.perf_counter(), {}
+        while self.iteration < config.train.iterations:
+            iteration = self.iteration
+            factor = poly_factor(config, iteration)
+            for group in self.optimizer.param_groups:
+                group["lr"] = config.optim.lr * factor * group["lr_mult"]
+            for micro in range(config.train.grad_accum):
+                last = micro == config.train.grad_accum - 1
+                stats.add(self._micro_step(next(streams[0]), next(streams[1]), iteration, last))
+            self.scaler.step(self.optimizer)
+            self.scaler.update()
+            self.optimizer.zero_grad(set_to_none=True)
+            self.iteration += 1
+            bar.update(1)
+
+            done = self.iteration == config.train.iterations
+            if self.iteration % config.train.log_every == 0 or done:
+                elapsed = time.perf_counter() - window_start
+                row = {"iteration": self.iteration, **stats.means(), "lr": config.optim.lr * factor,
+                       "weight_cos": loss_weight(config, iteration),
+                       "it_per_s": config.train.log_every / elapsed if not done else float("nan"),
+                       "peak_mib": _peak_memory_mib(self.device)}
+                self._log(row, bar)
+                window_start = time.perf_counter()
+            if self.iteration % config.train.eval_every == 0 or done:
+                result = self.evaluate_and_keep(done)
+                self.net.train()
+            elif self.iteration % config.train.checkpoint_every == 0:
+                self.save_checkpoint("last")
+        bar.close()
+        if context.is_main:
+            reporting.plot_curves(self.history, self.run_dir)
+            reporting.write_overlays(self.model, self.val, self.device, self.run_dir / "overlays")
+        return result
+
+    def _log(self, row: dict[str, Any], bar) -> None:
+        self.history.append(row)
+        if not self.context.is_main:
+            return
+        reporting.append_metrics(row, self.run_dir)
+        bar.set_postfix_str(reporting.brief(row))
+
+    def evaluate_and_keep(self, final: bool) -> dict[str, Any]:
+        matrix = evaluate(self.model, self.val, self.device, self.context, progress=self.progress)
+        protocols = self.config.data.protocols
+        summary = {"iteration": self.iteration, **matrix.summary(protocols)}
+        miou = summary[f"mIoU{protocols[0]}"]
+        self.history.append({"iteration": self.iteration, "eval": summary})
+        if self.context.is_main:
+            reporting.append_metrics({"iteration": self.iteration, "eval": summary}, self.run_dir)
+            if final:
+                print(matrix.table(protocols, title=f"target val, iteration {self.iteration}"))
+        if miou > self.best_miou:
+            self.best_miou = miou
+            self.save_checkpoint("best")
+        self.save_checkpoint("last")
+        summary["table"] = matrix.table(protocols)
+        return summary
+
+
+@torch.no_grad()
+def evaluate(model: nn.Module, dataset, device: torch.device, context=None, *, progress: bool = False) -> ConfusionMatrix:
+    """Confusion matrix on ``dataset`` at full label resolution (logits upsampled bilinearly).
+
+    Under DDP each rank scores ``indices[rank::world]`` (no padded duplicates) and the counts
+    are summed across ranks.
+    """
+    model.eval()
+    rank, world = (context.rank, context.world) if context is not None else (0, 1)
+    matrix = ConfusionMatrix(NUM_CLASSES, ignore_index=IGNORE_INDEX, device=device)
+    indices = range(rank, len(dataset), world)
+    for index in reporting.progress_iter(indices, "eval", enabled=progress):
+        image, label, _ = dataset[index]
+        logits = model(image[None].to(device)).logits
+        logits = F.interpolate(logits.float(), size=label.shape[-2:], mode="bilinear", align_corners=False)
+        matrix.update(logits.argmax(dim=1)[0], label.to(device))
+    if world > 1:
+        matrix.all_reduce()
+    return matrix
