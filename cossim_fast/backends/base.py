@@ -32,6 +32,10 @@ class Backend(abc.ABC):
     def unsupported_reasons(self, op: str, device: torch.device, dtype: torch.dtype) -> list[str]:
         """Why this backend cannot run ``op`` on tensors of this device and dtype (empty: it can)."""
 
+    def auto_skip_reasons(self, op: str, device: torch.device, dtype: torch.dtype) -> list[str]:
+        """Why "auto" should not pick this backend although it can run (e.g. measured slower)."""
+        return []
+
     @abc.abstractmethod
     def max_forward(
         self, features: Tensor, labels: Tensor, bank: Tensor, counts: Tensor, ignore_index: int

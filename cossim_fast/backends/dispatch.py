@@ -87,6 +87,9 @@ def select(op: str, backend: str, device: torch.device, dtype: torch.dtype) -> B
     reasons: dict[str, list[str]] = {}
     for name in dict.fromkeys(candidates):
         why = unsupported_reasons(name, op, device, dtype)
+        if not why and requested == "auto" and name != candidates[-1]:
+            if load_backend(name).auto_skip_reasons(op, device, dtype):
+                continue
         if not why:
             # An explicit request that cannot run, or "auto" left with no fused backend, is
             # a fallback worth telling; "auto" skipping to its second choice is not.

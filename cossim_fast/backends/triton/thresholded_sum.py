@@ -1,0 +1,135 @@
+"""Forward "all": per row, the slots whose similarity exceeds the threshold, summed.
+
+Same schedule as ``max_similarity`` (one program per (class, row tile)). For every slot tile the
+program computes the similarities ``S``, selects ``S > threshold`` and accumulates the count,
+the sum of the selected ``S`` and, like attention's ``P @ V``, the sum of the selected dictionary
+vectors ``dsum`` (``N x C``): a second dot of the 0/1 selection with the same bank tile. Each row
+belongs to one program, so there are no atomics, and nothing ``N x M`` is ever stored.
+
+With ``C`` resident the ``BLOCK_M x C`` ``dsum`` tile stays in registers. Otherwise it lives in
+the output and is updated chunk by chunk, only for slot tiles that selected something.
+"""
+
+from __future__ import annotations
+
+import triton
+import triton.language as tl
+from torch import Tensor
+
+from cossim_fast.backends.triton.max_similarity import (
+    TileConfig,
+    load_features,
+    load_slots,
+    row_inverse_norms,
+    streamed_dots,
+    tile_rows,
+)
+
+
+def tile_config(dim: int, precision: str | None, interpret: bool) -> TileConfig:
+    """A fixed heuristic by ``C``; the resident regime also keeps a fp32 ``dsum`` tile."""
+    padded = max(16, triton.next_power_of_2(dim))
+    if interpret:
+        return TileConfig(32, 32, min(padded, 64), padded <= 64, 4, 1)
+    # Sizes checked to compile for sm_90 without register spills.
+    if precision is not None:
+        if padded <= 64:
+            return TileConfig(32, 32, padded, True, 4, 2)
+        return TileConfig(64, 32, 32, False, 4, 2)
+    if padded <= 128:
+        return TileConfig(64, 64, padded, True, 8, 2)
+    return TileConfig(64, 128, 64, False, 8, 2)
+
+
+@triton.jit
+def _add_selected_slots(
+    dsum_rows, row_mask, selected, bank_cls, slots, slot_mask, stride_bm, stride_bc, dim,
+    BLOCK_C: tl.constexpr, UPCAST: tl.constexpr, PRECISION: tl.constexpr,
+):
+    """``dsum[rows] += selected @ bank[slots]``, one ``BLOCK_C`` chunk of the output at a time."""
+    for first in range(0, dim, BLOCK_C):
+        offs_c = first + tl.arange(0, BLOCK_C)
+        c_mask = offs_c < dim
+        b = load_slots(bank_cls, slots, slot_mask, stride_bm, stride_bc, offs_c, dim, UPCAST)
+        out = dsum_rows[:, None] + offs_c[None, :]
+        mask = row_mask[:, None] & c_mask[None, :]
+        acc = tl.load(out, mask=mask, other=0.0)
+        acc = tl.dot(selected.to(b.dtype), tl.trans(b), acc, input_precision=PRECISION)
+        tl.store(out, acc, mask=mask)
+
+
+@triton.jit
+def _thresholded_sum_kernel(
+    f_ptr, stride_fb, stride_fp, stride_fc, points, dim,
+    bank_ptr, stride_bk, stride_bm, stride_bc, counts_ptr, threshold,
+    tiles_ptr, sorted_rows_ptr, count_ptr, ssum_ptr, dsum_ptr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_C: tl.constexpr,
+    C_RESIDENT: tl.constexpr, UPCAST: tl.constexpr, PRECISION: tl.constexpr,
+):
+    cls, rows, row_mask = tile_rows(tiles_ptr, sorted_rows_ptr, BLOCK_M)
+    if cls < 0:
+        return
+    f_rows = f_ptr + (rows // points) * stride_fb + (rows % points) * stride_fp
+    dsum_rows = dsum_ptr + rows * dim  # dsum is (N, C) contiguous
+    inv_norm = row_inverse_norms(f_rows, row_mask, stride_fc, dim, BLOCK_M, BLOCK_C)
+    n_valid = tl.load(counts_ptr + cls)
+    bank_cls = bank_ptr + cls * stride_bk
+    if C_RESIDENT:
+        offs_c = tl.arange(0, BLOCK_C)
+        a = load_features(f_rows, row_mask, stride_fc, offs_c, dim, UPCAST)
+        pulled = tl.zeros([BLOCK_M, BLOCK_C], dtype=tl.float32)
+    count = tl.zeros([BLOCK_M], dtype=tl.int32)
+    ssum = tl.zeros([BLOCK_M], dtype=tl.float32)
+    for first in range(0, n_valid, BLOCK_N):
+        slots = first + tl.arange(0, BLOCK_N)
+        slot_mask = slots < n_valid
+        if C_RESIDENT:
+            b = load_slots(bank_cls, slots, slot_mask, stride_bm, stride_bc, offs_c, dim, UPCAST)
+            dots = tl.dot(a, b, input_precision=PRECISION)
+        else:
+            dots = streamed_dots(
+                f_rows, row_mask, stride_fc, bank_cls, slots, slot_mask, stride_bm, stride_bc, dim,
+                BLOCK_M, BLOCK_N, BLOCK_C, UPCAST, PRECISION,
+            )
+        sims = dots * inv_norm[:, None]
+        selected = (sims > threshold) & slot_mask[None, :] & row_mask[:, None]
+        hits = tl.sum(selected.to(tl.int32), axis=1)
+        count += hits
+        ssum += tl.sum(tl.where(selected, sims, 0.0), axis=1)
+        if C_RESIDENT:
+            pulled = tl.dot(selected.to(b.dtype), tl.trans(b), pulled, input_precision=PRECISION)
+        elif tl.sum(hits, axis=0) > 0:  # a high threshold selects little: skip the dsum traffic
+            _add_selected_slots(
+                dsum_rows, row_mask, selected, bank_cls, slots, slot_mask, stride_bm, stride_bc, dim,
+                BLOCK_C, UPCAST, PRECISION,
+            )
+    tl.store(count_ptr + rows, count.to(tl.int64), mask=row_mask)
+    tl.store(ssum_ptr + rows, ssum, mask=row_mask)
+    if C_RESIDENT:
+        mask = row_mask[:, None] & (offs_c < dim)[None, :]
+        tl.store(dsum_rows[:, None] + offs_c[None, :], pulled, mask=mask)
+
+
+def launch_all_forward(
+    features: Tensor,
+    bank: Tensor,
+    counts: Tensor,
+    threshold: float,
+    sorted_rows: Tensor,
+    tiles: Tensor,
+    count: Tensor,
+    ssum: Tensor,
+    dsum: Tensor,
+    config: TileConfig,
+    precision: str | None,
+) -> None:
+    """Fill ``count``, ``ssum`` and ``dsum`` (pre-set to zero) for the scheduled rows."""
+    _, points, dim = features.shape
+    _thresholded_sum_kernel[(tiles.shape[0],)](
+        features, *features.stride(), points, dim,
+        bank, *bank.stride(), counts, float(threshold),
+        tiles, sorted_rows, count, ssum, dsum,
+        BLOCK_M=config.block_m, BLOCK_N=config.block_n, BLOCK_C=config.block_c,
+        C_RESIDENT=config.c_resident, UPCAST=precision is not None, PRECISION=precision,
+        num_warps=config.num_warps, num_stages=config.num_stages,
+    )

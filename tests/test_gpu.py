@@ -1,0 +1,68 @@
+"""CUDA-only checks: every backend on GPU tensors, no host sync in the update, GPU peak memory.
+
+Marked ``gpu``: skipped on machines without a CUDA device.
+"""
+
+import pytest
+import torch
+
+import cossim_fast
+from cases import DTYPES, assert_same_max, make_bank, make_rows
+
+pytestmark = pytest.mark.gpu
+
+CUDA_BACKENDS = [b for b in ("torch", "triton", "cuda") if torch.cuda.is_available() and b in cossim_fast.available_backends("cuda")]
+
+
+@pytest.mark.parametrize("backend", CUDA_BACKENDS)
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_forward_and_loss_on_cuda_match_reference(backend, dtype):
+    bank, counts = make_bank(7, 37, 65, counts=[37, 0, 1, 20, 37, 5, 36], dtype=dtype, device="cuda")
+    features, labels = make_rows(301, 65, 7, dtype=dtype, device="cuda")
+    values, indices = cossim_fast.max_cosine_similarity(features, labels, bank, counts, backend=backend)
+    ref_values, ref_indices = cossim_fast.max_cosine_similarity(features, labels, bank, counts, backend="reference")
+    assert_same_max(features, labels, bank, counts, values, indices, ref_values, ref_indices, dtype)
+    for mode in ("max", "all"):
+        loss = cossim_fast.cosine_similarity_loss(features, labels, bank, counts, 0.05, mode=mode, backend=backend)
+        ref = cossim_fast.cosine_similarity_loss(features, labels, bank, counts, 0.05, mode=mode, backend="reference")
+        torch.testing.assert_close(loss, ref, atol=1e-4, rtol=0)
+
+
+@pytest.mark.parametrize("backend", CUDA_BACKENDS)
+def test_update_has_no_host_sync_and_matches_cpu(backend):
+    cpu = cossim_fast.FeatureDictionary(5, 9, 33)
+    gpu = cossim_fast.FeatureDictionary(5, 9, 33, device="cuda")
+    for num_rows in (7, 60, 1):
+        features, labels = make_rows(num_rows, 33, 5)
+        gpu_features, gpu_labels = features.cuda(), labels.cuda()  # a pageable copy syncs: not measured
+        order_generator = torch.Generator(device="cuda").manual_seed(num_rows)
+        torch.cuda.set_sync_debug_mode("error")
+        try:
+            gpu.update(gpu_features, gpu_labels, max_per_class=11, generator=order_generator, backend=backend, check_values=False)
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+        order_generator = torch.Generator(device="cuda").manual_seed(num_rows)
+        order = torch.randperm(num_rows, generator=order_generator, device="cuda").cpu()
+        # The CPU dictionary visits the same order: permute the rows themselves.
+        cpu.update(features[order], labels[order], max_per_class=11, backend="torch")
+    assert torch.equal(gpu.counts.cpu(), cpu.counts) and torch.equal(gpu.ptr.cpu(), cpu.ptr)
+    torch.testing.assert_close(gpu.bank.cpu(), cpu.bank, atol=1e-6, rtol=0)
+
+
+def test_torch_backend_gpu_memory_does_not_grow_with_n_times_m():
+    num_classes, slots, dim = 19, 2048, 128
+    bank, counts = make_bank(num_classes, slots, dim, counts=[slots] * num_classes, device="cuda")
+    for backend, num_rows in (("torch", 32768), ("reference", 8192)):
+        features, labels = make_rows(num_rows, dim, num_classes, device="cuda")
+        features.requires_grad_(True)
+        torch.cuda.synchronize()
+        base = torch.cuda.memory_allocated()
+        torch.cuda.reset_peak_memory_stats()
+        cossim_fast.cosine_similarity_loss(features, labels, bank, counts, 0.0, backend=backend).backward()
+        torch.cuda.synchronize()
+        extra = torch.cuda.max_memory_allocated() - base
+        dense = num_rows * num_classes * slots * 4
+        if backend == "reference":
+            assert extra > dense
+        else:
+            assert extra < 2 * 64 * 2**20 + 8 * num_rows * dim * 4, f"{extra / 2**20:.0f} MiB"
