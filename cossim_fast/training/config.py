@@ -226,6 +226,11 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
     return config
 
 
+def config_from_dict(values: dict) -> Config:
+    """A checked :class:`Config` from a plain mapping (e.g. the one a checkpoint stores)."""
+    return _build(Config, values)
+
+
 def to_dict(config: Config) -> dict:
     return dataclasses.asdict(config)
 

@@ -228,9 +228,11 @@ class Trainer:
         stats["pseudo_share"] = class_shares(pseudo, NUM_CLASSES)
         return stats
 
-    def train(self) -> dict[str, Any]:
-        """Run from the current iteration to the end; returns the last evaluation."""
+    def train(self, until: int | None = None) -> dict[str, Any]:
+        """Run from the current iteration to the end (or to iteration ``until``, then save a
+        checkpoint and stop, as a killed run would have); returns the last evaluation."""
         config, context = self.config, self.context
+        stop = config.train.iterations if until is None else min(until, config.train.iterations)
         streams = [
             batch_stream(dataset, batch, config.seed + offset, rank=context.rank, world=context.world,
                          start=self.iteration * config.train.grad_accum, num_workers=config.data.num_workers,
@@ -244,7 +246,7 @@ class Trainer:
         stats = StepStats()
         bar = reporting.progress(config.train.iterations, self.iteration, "train", enabled=self.progress)
         window_start, result = time.perf_counter(), {}
-        while self.iteration < config.train.iterations:
+        while self.iteration < stop:
             iteration = self.iteration
             factor = poly_factor(config, iteration)
             for group in self.optimizer.param_groups:
@@ -273,6 +275,9 @@ class Trainer:
             elif self.iteration % config.train.checkpoint_every == 0:
                 self.save_checkpoint("last")
         bar.close()
+        if self.iteration < config.train.iterations:
+            self.save_checkpoint("last")
+            return result
         if context.is_main:
             reporting.plot_curves(self.history, self.run_dir)
             reporting.write_overlays(self.model, self.val, self.device, self.run_dir / "overlays")
@@ -288,7 +293,7 @@ class Trainer:
     def evaluate_and_keep(self, final: bool) -> dict[str, Any]:
         matrix = evaluate(self.model, self.val, self.device, self.context, progress=self.progress)
         protocols = self.config.data.protocols
-        summary = {"iteration": self.iteration, **matrix.summary(protocols)}
+        summary = {"iteration": self.iteration, **matrix.summary(protocols), "pixels": int(matrix.matrix.sum())}
         miou = summary[f"mIoU{protocols[0]}"]
         self.history.append({"iteration": self.iteration, "eval": summary})
         if self.context.is_main:

@@ -1,0 +1,94 @@
+"""The ``cossim-fast`` command line: generate-data, train, evaluate, demo, op-demo."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+
+def _config(args: argparse.Namespace):
+    from cossim_fast import configs
+    from cossim_fast.training import load_config
+
+    return load_config(configs.resolve(args.config) if args.config else None, args.set)
+
+
+def _add_config_options(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--config", help="a YAML file, or a shipped config by name (synthetic, gta2cs_deeplabv2, syn2cs_deeplabv2)")
+    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a config value, e.g. cosine.weight=0.05")
+
+
+def generate_data(args: argparse.Namespace) -> int:
+    from cossim_fast.data import generate_synthetic_uda
+
+    synthetic = _config(args).data.synthetic
+    paths = generate_synthetic_uda(
+        synthetic.root, seed=synthetic.seed, num_source=synthetic.num_source, num_target_train=synthetic.num_target_train,
+        num_target_val=synthetic.num_target_val, size=tuple(synthetic.size), style_strength=synthetic.style_strength,
+    )
+    for name, path in paths.items():
+        print(f"{name:<11} {path}")
+    return 0
+
+
+def train(args: argparse.Namespace) -> int:
+    from cossim_fast.training import Trainer
+
+    resume = None if args.resume == "none" else args.resume
+    result = Trainer(_config(args), resume=resume).train()
+    print({k: v for k, v in result.items() if k.startswith("mIoU") or k == "aAcc"})
+    return 0
+
+
+def evaluate(args: argparse.Namespace) -> int:
+    import json
+
+    import torch
+
+    from cossim_fast.data import NUM_CLASSES
+    from cossim_fast.models import build_model
+    from cossim_fast.training import checkpoint, evaluate as run_evaluation
+    from cossim_fast.training.config import config_from_dict
+    from cossim_fast.training.trainer import make_dataset
+
+    state = checkpoint.load(args.checkpoint)
+    config = _config(args) if args.config else config_from_dict(json.loads(state["config"]))
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    model = build_model(config.model.name, NUM_CLASSES, feature_point=config.model.feature_point).to(device)
+    model.load_state_dict(state["model"])
+    matrix = run_evaluation(model, make_dataset(config.data.val, labels=True, full_resolution_labels=True), device, progress=True)
+    print(matrix.table(config.data.protocols, title=f"{args.checkpoint} (iteration {state['iteration']})"))
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="cossim-fast", description="UDA semantic segmentation with the cosine-similarity loss")
+    commands = parser.add_subparsers(dest="command", required=True)
+
+    commands.add_parser("demo", help="synthetic data, source-only vs cosine loss, a results table and plots", add_help=False)
+    commands.add_parser("op-demo", help="the operator alone: loss + backward on every backend, times and peak memory", add_help=False)
+    command = commands.add_parser("generate-data", help="write the synthetic GTA5/Cityscapes-layout data set")
+    _add_config_options(command)
+    command.set_defaults(run=generate_data)
+    command = commands.add_parser("train", help="train (resumes from OUTPUT_DIR/checkpoints/last.pt if present)")
+    _add_config_options(command)
+    command.add_argument("--resume", default="auto", help="auto (default), none, or a checkpoint path")
+    command.set_defaults(run=train)
+    command = commands.add_parser("evaluate", help="mIoU of a checkpoint on the target val split")
+    command.add_argument("checkpoint")
+    _add_config_options(command)
+    command.set_defaults(run=evaluate)
+
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv and argv[0] in ("demo", "op-demo"):  # these parse their own options
+        if argv[0] == "demo":
+            from cossim_fast.training import demo as module
+        else:
+            from cossim_fast import op_demo as module
+        return module.main(argv[1:])
+    args = parser.parse_args(argv)
+    return args.run(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

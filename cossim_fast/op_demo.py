@@ -1,0 +1,102 @@
+"""Operator demo: the cosine-similarity loss and its backward on every available backend.
+
+Builds random target features and a dictionary filled from random source features, then runs
+loss + backward once per backend in a fresh subprocess (so each peak-memory reading is its
+own) and prints values, times and the peak memory beyond the inputs.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import resource
+import subprocess
+import sys
+import time
+
+import torch
+
+import cossim_fast
+
+
+def _peak_mib(device: torch.device) -> float:
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**20
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def run_backend(backend: str, args: argparse.Namespace) -> dict:
+    """One backend, in this process: loss + backward on the demo problem, timed and measured."""
+    device = torch.device(args.device)
+    generator = torch.Generator().manual_seed(args.seed)
+    dictionary = cossim_fast.FeatureDictionary(args.classes, args.slots, args.dim, device=device)
+    source = torch.randn(args.classes * args.slots, args.dim, generator=generator).to(device)
+    source_labels = torch.arange(args.classes).repeat_interleave(args.slots).to(device)
+    dictionary.update(source, source_labels)
+    height = width = int(round((args.rows / args.batch) ** 0.5))
+    features = torch.randn(args.batch, args.dim, height, width, generator=generator).to(device).requires_grad_(True)
+    labels = torch.randint(0, args.classes, (args.batch, height, width), generator=generator).to(device)
+    loss_fn = cossim_fast.CosineSimilarityLoss(args.threshold, mode=args.mode, backend=backend, dictionary=dictionary)
+    loss_fn(features[:1, :, :2, :2], labels[:1, :2, :2]).backward()  # warm-up, not measured
+    features.grad = None
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+        torch.cuda.reset_peak_memory_stats(device)
+    before = _peak_mib(device)
+    start = time.perf_counter()
+    loss = loss_fn(features, labels)
+    loss.backward()
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    seconds = time.perf_counter() - start
+    return {
+        "backend": backend,
+        "loss": loss.item(),
+        "selected": loss_fn.last_selected_fraction.item(),
+        "grad_norm": features.grad.norm().item(),
+        "ms": seconds * 1e3,
+        "extra_mib": _peak_mib(device) - before,
+        "rows": args.batch * height * width,
+    }
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="cossim-fast op-demo", description=__doc__.splitlines()[0])
+    parser.add_argument("--rows", type=int, default=8192, help="target rows N (a B x C x H x W map, H = W)")
+    parser.add_argument("--batch", type=int, default=2)
+    parser.add_argument("--classes", type=int, default=19)
+    parser.add_argument("--slots", type=int, default=1024, help="dictionary slots per class M")
+    parser.add_argument("--dim", type=int, default=256, help="feature channels C")
+    parser.add_argument("--threshold", type=float, default=0.1)
+    parser.add_argument("--mode", choices=("max", "all"), default="max")
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--backend", help=argparse.SUPPRESS)  # internal: run one backend, print JSON
+    args = parser.parse_args(argv)
+    if args.backend:
+        print(json.dumps(run_backend(args.backend, args)))
+        return 0
+
+    print(f"cossim_fast {cossim_fast.__version__}, torch {torch.__version__}, device {args.device}")
+    print(f"compiled extension: {cossim_fast.extension_status()}")
+    print(f"problem: N={args.rows} rows, K={args.classes}, M={args.slots}, C={args.dim}, mode={args.mode}, tau={args.threshold}")
+    results = []
+    for backend in cossim_fast.available_backends(args.device):
+        child = [sys.executable, "-m", "cossim_fast.op_demo", *(argv if argv is not None else sys.argv[1:]), "--backend", backend]
+        done = subprocess.run(child, capture_output=True, text=True)
+        if done.returncode != 0:
+            print(f"  {backend}: failed\n{done.stderr.strip()}")
+            continue
+        results.append(json.loads(done.stdout.strip().splitlines()[-1]))
+    reference = next((r for r in results if r["backend"] == "reference"), results[0])
+    print(f"\n{'backend':<10} {'loss':>10} {'selected':>9} {'time ms':>10} {'extra MiB':>10} {'memory vs reference':>20}")
+    for r in results:
+        ratio = r["extra_mib"] / reference["extra_mib"] if reference["extra_mib"] > 0 else float("nan")
+        print(f"{r['backend']:<10} {r['loss']:>10.6f} {r['selected']:>9.3f} {r['ms']:>10.1f} {r['extra_mib']:>10.1f} {ratio:>19.1%}")
+    worst = max(abs(r["loss"] - reference["loss"]) for r in results)
+    print(f"\nlargest loss difference from reference: {worst:.2e}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

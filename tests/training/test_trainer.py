@@ -1,0 +1,83 @@
+"""Short training runs: outputs, exact resume, atomic checkpoints, the levers, errors."""
+
+import json
+
+import pytest
+import torch
+
+from cossim_fast.data import DatasetError
+from cossim_fast.training import Trainer, checkpoint
+from cossim_fast.training.trainer import loss_weight
+
+
+def _weights(trainer):
+    return {name: value.clone() for name, value in trainer.model.state_dict().items()}
+
+
+def test_short_run_writes_metrics_plots_and_checkpoints(tiny_config):
+    config = tiny_config("entropy.weight=0.1")
+    trainer = Trainer(config, progress=False)
+    result = trainer.train()
+    run = trainer.run_dir
+    for name in ("config.yaml", "metrics.jsonl", "metrics.csv", "eval.csv", "loss.png", "miou.png", "checkpoints/last.pt", "checkpoints/best.pt"):
+        assert (run / name).is_file(), name
+    assert len(list((run / "overlays").glob("*.png"))) == 3
+    rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    train_rows = [r for r in rows if "loss_ce" in r]
+    assert [r["iteration"] for r in train_rows] == [2, 4, 6]
+    for key in ("loss_cos", "loss_ent", "selected", "pseudo_share", "lr", "it_per_s", "peak_mib"):
+        assert key in train_rows[-1], key
+    assert len(train_rows[-1]["pseudo_share"]) == 19
+    assert 0.0 <= result["mIoU19"] <= 1.0 and "| road |" in result["table"]
+    assert trainer.dictionary.counts.sum() > 0
+
+
+def test_resumed_run_reaches_the_same_weights(tiny_config):
+    straight = Trainer(tiny_config(output="straight"), progress=False)
+    straight.train()
+    first = Trainer(tiny_config(output="interrupted"), progress=False)
+    first.train(until=4)
+    resumed = Trainer(tiny_config(output="interrupted"), progress=False)  # resume="auto"
+    assert resumed.iteration == 4
+    resumed.train()
+    for name, value in _weights(straight).items():
+        assert torch.equal(value, resumed.model.state_dict()[name]), name
+    assert torch.equal(straight.dictionary.bank, resumed.dictionary.bank)
+
+
+def test_checkpoint_write_is_atomic(tmp_path, monkeypatch):
+    path = tmp_path / "last.pt"
+    checkpoint.save_atomic({"iteration": 1}, path)
+
+    def crash(*args, **kwargs):
+        raise KeyboardInterrupt  # killed halfway through writing
+
+    monkeypatch.setattr(torch, "save", crash)
+    with pytest.raises(KeyboardInterrupt):
+        checkpoint.save_atomic({"iteration": 2}, path)
+    assert checkpoint.load(path)["iteration"] == 1
+    assert [p.name for p in tmp_path.iterdir()] == ["last.pt"]  # no temporary left behind
+
+
+def test_loss_weight_warmup_and_ramp(tiny_config):
+    config = tiny_config("cosine.weight=0.5", "cosine.warmup_iters=10", "cosine.ramp_iters=4")
+    assert [loss_weight(config, i) for i in (0, 9, 10, 11, 13, 20)] == [0.0, 0.0, 0.125, 0.25, 0.5, 0.5]
+    assert loss_weight(tiny_config("cosine.enabled=false"), 100) == 0.0
+
+
+def test_source_only_run_skips_the_target_pass(tiny_config):
+    trainer = Trainer(tiny_config("cosine.enabled=false", "train.iterations=2", "train.eval_every=2"), progress=False)
+    trainer.train()
+    train_rows = [r for r in trainer.history if "loss_ce" in r]
+    assert "loss_cos" not in train_rows[-1] and trainer.dictionary.counts.sum() == 0
+
+
+def test_pre_activation_features_and_all_mode_run(tiny_config):
+    trainer = Trainer(tiny_config("model.feature_point=pre_activation", "cosine.mode=all", "train.iterations=2"), progress=False)
+    trainer.train()
+    assert trainer.dictionary.counts.sum() > 0
+
+
+def test_missing_dataset_is_reported_before_training(tiny_config, tmp_path):
+    with pytest.raises(DatasetError, match="missing folder"):
+        Trainer(tiny_config(f"data.target.root={tmp_path / 'nowhere'}"), progress=False)
