@@ -117,6 +117,12 @@ def check_dictionary(bank: object, counts: object, device: torch.device) -> tupl
     return bank.contiguous(), counts.to(torch.int64).contiguous()
 
 
+def check_ignore_index(ignore_index: int, num_classes: int) -> None:
+    """``ignore_index`` must not name a class: rows labelled with it are skipped everywhere."""
+    if 0 <= ignore_index < num_classes:
+        raise ValueError(f"ignore_index must not be a class index in [0, {num_classes}), got {ignore_index}")
+
+
 def check_threshold(threshold: object) -> float:
     if isinstance(threshold, bool) or not isinstance(threshold, Real):
         raise TypeError(f"threshold must be a real number (a cosine similarity in [-1, 1]), got {type(threshold).__name__}")

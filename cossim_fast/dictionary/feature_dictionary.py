@@ -89,6 +89,7 @@ class FeatureDictionary(nn.Module):
         if generator is not None and not isinstance(generator, torch.Generator):
             raise TypeError(f"generator must be a torch.Generator or None, got {type(generator).__name__}")
         rows = inputs.rows_of(features, labels, self.dim, ignore_index)
+        inputs.check_ignore_index(ignore_index, self.num_classes)
         if rows.features.device != self.bank.device:
             raise ValueError(f"features must be on the dictionary's device {self.bank.device}, got {rows.features.device}")
         source, source_labels = rows.features.detach(), rows.labels

@@ -14,6 +14,7 @@ def _prepare(features, labels, bank, counts, ignore_index, backend, check_values
     dispatch.check_backend_name(backend)
     rows = inputs.rows_of(features, labels, inputs.bank_dim(bank), ignore_index)
     bank, counts = inputs.check_dictionary(bank, counts, rows.features.device)
+    inputs.check_ignore_index(ignore_index, bank.shape[0])
     return rows, bank, counts, inputs.value_checks_enabled(check_values)
 
 

@@ -1,0 +1,134 @@
+"""Soft import of the compiled extension ``cossim_fast._C`` (never raises).
+
+Importing ``cossim_fast._C`` loads the shared object, whose static registrations define the ops
+``torch.ops.cossim_fast.ring_buffer_update`` and ``torch.ops.cossim_fast.extension_info``.
+When that is impossible (the package was installed with ``COSSIM_FAST_SKIP_EXTENSION=1``, the
+import failed, or the extension was built for another CUDA or torch version) ``load_error``
+says why, ``is_loaded()`` is False and the pure-PyTorch backends serve every call.
+
+This module also holds the fake (meta) kernels of the C++ ops: the C++ library names it with
+``m.set_python_module("cossim_fast._extension")``, so torch.compile and FakeTensorMode find them.
+"""
+
+from __future__ import annotations
+
+import importlib
+import importlib.util
+
+import torch
+
+#: Prefix of ``load_error`` when no compiled extension was installed at all.
+NOT_BUILT = "not built"
+
+#: Why the extension is unavailable, or None when it is loaded and usable.
+load_error: str | None = None
+#: Why the fake kernels could not be registered (torch.compile / FakeTensorMode then fail), or None.
+fake_error: str | None = None
+
+_info: str = ""
+_imported = False
+
+
+def _fields(info: str) -> dict[str, str]:
+    """``"cuda=13000;archs=8.0,9.0+PTX;torch=2.14"`` -> ``{"cuda": "13000", ...}``."""
+    fields = {}
+    for item in info.split(";"):
+        key, sep, value = item.partition("=")
+        if sep:
+            fields[key.strip()] = value.strip()
+    return fields
+
+
+def _cuda_text(code: str) -> str:
+    """CUDART_VERSION as ``major.minor`` (``13000`` -> ``13.0``, ``12080`` -> ``12.8``)."""
+    try:
+        value = int(code)
+    except ValueError:
+        return code
+    return f"{value // 1000}.{value % 1000 // 10}"
+
+
+def _major_minor(version: str | None) -> str | None:
+    if not version:
+        return None
+    parts = version.split("+")[0].split(".")
+    return ".".join(parts[:2])
+
+
+def _load() -> str | None:
+    global _info, _imported
+    try:
+        spec = importlib.util.find_spec("cossim_fast._C")
+    except Exception as error:  # noqa: BLE001 - never raise from import
+        return f"{NOT_BUILT}: looking for cossim_fast._C failed: {type(error).__name__}: {error}"
+    if spec is None:
+        return (
+            f"{NOT_BUILT}: no compiled cossim_fast._C is installed (installed with "
+            "COSSIM_FAST_SKIP_EXTENSION=1, or never built: `pip install -e . --no-build-isolation`)"
+        )
+    try:
+        importlib.import_module("cossim_fast._C")
+    except Exception as error:  # noqa: BLE001
+        return f"import of cossim_fast._C failed: {type(error).__name__}: {error}"
+    _imported = True
+    try:
+        _info = str(torch.ops.cossim_fast.extension_info())
+    except Exception as error:  # noqa: BLE001
+        return f"cossim_fast._C imported but extension_info() failed: {type(error).__name__}: {error}"
+
+    fields = _fields(_info)
+    built_cuda = fields.get("cuda", "none")
+    if built_cuda != "none":
+        built = _cuda_text(built_cuda)
+        if torch.version.cuda is None:
+            return f"cossim_fast._C was built for CUDA {built} but torch {torch.__version__} has no CUDA"
+        if _major_minor(built) != _major_minor(torch.version.cuda):
+            return (
+                f"cossim_fast._C was built for CUDA {built} but torch {torch.__version__} uses CUDA "
+                f"{torch.version.cuda}; rebuild it: pip install -e . --no-build-isolation"
+            )
+    built_torch = fields.get("torch")
+    if built_torch not in (None, "unknown") and built_torch != _major_minor(torch.__version__):
+        return (
+            f"cossim_fast._C was built for torch {built_torch} but torch {torch.__version__} is running; "
+            "rebuild it: pip install -e . --no-build-isolation"
+        )
+    return None
+
+
+def _register_fakes() -> str | None:
+    """Fake (meta) kernels of the C++ ops: shapes only, for torch.compile and FakeTensorMode."""
+    try:
+
+        @torch.library.register_fake("cossim_fast::ring_buffer_update")
+        def _ring_buffer_update_fake(
+            bank, counts, ptr, features, labels, order, denom, max_per_class, ignore_index
+        ) -> None:
+            return None
+
+    except Exception as error:  # noqa: BLE001 - e.g. registered twice after a module reload
+        return f"{type(error).__name__}: {error}"
+    return None
+
+
+load_error = _load()
+if _imported:
+    fake_error = _register_fakes()
+
+
+def is_loaded() -> bool:
+    """Whether ``cossim_fast._C`` is loaded and matches the running torch and CUDA."""
+    return load_error is None
+
+
+def has_cuda_kernels() -> bool:
+    """Whether the loaded extension was compiled with its CUDA kernels (not a CPU-only build)."""
+    return is_loaded() and _fields(_info).get("cuda", "none") != "none"
+
+
+def info() -> str:
+    """The extension's build description (``cuda=13000;archs=8.0,9.0+PTX;torch=2.14`` or
+    ``cuda=none;torch=2.14``), or ``not loaded: <why>``."""
+    if _info:
+        return _info
+    return f"not loaded: {load_error}"

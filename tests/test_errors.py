@@ -1,0 +1,136 @@
+"""Every bad input gets a clear error naming the argument, before any work."""
+
+import pytest
+import torch
+
+import cossim_fast
+from cases import make_bank
+
+BANK, COUNTS = make_bank(3, 4, 5, counts=[4, 2, 0])
+FEATURES = torch.randn(6, 5)
+LABELS = torch.tensor([0, 1, 2, 255, 0, 1])
+
+
+def call(features=FEATURES, labels=LABELS, bank=BANK, counts=COUNTS, **kwargs):
+    return cossim_fast.max_cosine_similarity(features, labels, bank, counts, **kwargs)
+
+
+def loss(threshold=0.5, **kwargs):
+    return cossim_fast.cosine_similarity_loss(FEATURES, LABELS, BANK, COUNTS, threshold, **kwargs)
+
+
+@pytest.mark.parametrize(
+    "kwargs, error, match",
+    [
+        (dict(features=FEATURES.numpy()), TypeError, "features must be a torch.Tensor"),
+        (dict(features=FEATURES.int()), TypeError, "features must be float32"),
+        (dict(features=torch.randn(2, 3, 5)), ValueError, "features must be N x C or B x C x H x W"),
+        (dict(features=torch.randn(6, 4)), ValueError, "C = 4 channels but the dictionary stores C = 5"),
+        (dict(labels=LABELS.float()), TypeError, "labels must have an integer dtype"),
+        (dict(labels=LABELS.bool()), TypeError, "labels must have an integer dtype"),
+        (dict(labels=LABELS[:5]), ValueError, r"labels must have shape \(6,\)"),
+        (dict(features=torch.randn(2, 5, 3, 4), labels=torch.zeros(2, 4, 3, dtype=torch.long)), ValueError, r"labels must have shape \(2, 3, 4\)"),
+        (dict(bank=BANK[0]), ValueError, "bank must be K x M x C"),
+        (dict(bank=BANK.int()), TypeError, "bank must be float32"),
+        (dict(counts=COUNTS[:2]), ValueError, r"counts must have shape \(K,\) = \(3,\)"),
+        (dict(counts=COUNTS.float()), TypeError, "counts must have an integer dtype"),
+        (dict(counts=torch.tensor([5, 0, 0])), ValueError, r"counts must be in \[0, 4\], got 5 for class 0"),
+        (dict(counts=torch.tensor([0, -1, 0])), ValueError, r"counts must be in \[0, 4\], got -1 for class 1"),
+        (dict(labels=torch.tensor([0, 1, 3, 255, 0, 1])), ValueError, r"labels must be in \[0, 3\) or ignore_index=255, got 3 at row 2"),
+        (dict(labels=torch.tensor([0, -1, 0, 0, 0, 0])), ValueError, "got -1 at row 1"),
+        (dict(features=FEATURES.clone().index_fill_(0, torch.tensor([4]), float("nan"))), ValueError, "features contain NaN or inf .first at row 4"),
+        (dict(features=FEATURES.clone().index_fill_(0, torch.tensor([2]), float("inf"))), ValueError, "NaN or inf .first at row 2"),
+        (dict(backend="fast"), ValueError, "backend must be one of"),
+        (dict(ignore_index=255.0), TypeError, "ignore_index must be an int"),
+        (dict(ignore_index=2), ValueError, r"ignore_index must not be a class index in \[0, 3\), got 2"),
+    ],
+)
+def test_bad_similarity_inputs(kwargs, error, match):
+    with pytest.raises(error, match=match):
+        call(**kwargs)
+
+
+def test_value_checks_can_be_switched_off():
+    bad = torch.tensor([0, 1, 2, 255, 0, 1])
+    bad_counts = torch.tensor([4, 2, 9])
+    with pytest.raises(ValueError):
+        call(counts=bad_counts)
+    call(counts=bad_counts.clamp(max=4), check_values=False)
+    cossim_fast.set_value_checks(False)
+    try:
+        call(features=FEATURES.clone().fill_(float("nan")), labels=bad)
+    finally:
+        cossim_fast.set_value_checks(True)
+
+
+@pytest.mark.parametrize(
+    "kwargs, error, match",
+    [
+        (dict(threshold="0.5"), TypeError, "threshold must be a real number"),
+        (dict(threshold=float("nan")), ValueError, "threshold must not be NaN"),
+        (dict(mode="mean"), ValueError, "mode must be one of"),
+        (dict(reduction="sum"), ValueError, "reduction must be one of"),
+    ],
+)
+def test_bad_loss_arguments(kwargs, error, match):
+    with pytest.raises(error, match=match):
+        loss(**kwargs)
+
+
+@pytest.mark.gpu
+def test_device_mismatch():
+    with pytest.raises(ValueError, match="bank must be on the features' device"):
+        call(features=FEATURES.cuda(), labels=LABELS.cuda())
+
+
+def test_device_mismatch_on_meta():
+    with pytest.raises(ValueError, match="labels must be on the features' device"):
+        call(labels=LABELS.to("meta"))
+    with pytest.raises(ValueError, match="counts must be on the features' device"):
+        call(counts=COUNTS.to("meta"))
+
+
+@pytest.mark.parametrize(
+    "args, kwargs, error, match",
+    [
+        ((0, 4, 5), {}, ValueError, "num_classes must be an int >= 1"),
+        ((3, 0, 5), {}, ValueError, "slots_per_class must be an int >= 1"),
+        ((3, 4, 2.0), {}, ValueError, "dim must be an int >= 1"),
+        ((3, 4, 5), dict(dtype=torch.int32), TypeError, "dtype must be float32"),
+    ],
+)
+def test_bad_dictionary_construction(args, kwargs, error, match):
+    with pytest.raises(error, match=match):
+        cossim_fast.FeatureDictionary(*args, **kwargs)
+
+
+@pytest.mark.parametrize(
+    "kwargs, error, match",
+    [
+        (dict(max_per_class=0), ValueError, "max_per_class must be None or an int >= 1"),
+        (dict(generator=3), TypeError, "generator must be a torch.Generator"),
+        (dict(features=torch.randn(6, 4)), ValueError, "C = 4 channels"),
+        (dict(labels=torch.tensor([0, 1, 7, 0, 0, 0])), ValueError, "got 7 at row 2"),
+        (dict(features=torch.full((6, 5), float("inf"))), ValueError, "NaN or inf"),
+        (dict(features=FEATURES.to("meta"), labels=LABELS.to("meta")), ValueError, "features must be on the dictionary's device"),
+        (dict(backend="cuda-fast"), ValueError, "backend must be one of"),
+    ],
+)
+def test_bad_updates(kwargs, error, match):
+    dictionary = cossim_fast.FeatureDictionary(3, 4, 5)
+    arguments = dict(features=FEATURES, labels=LABELS) | kwargs
+    with pytest.raises(error, match=match):
+        dictionary.update(arguments.pop("features"), arguments.pop("labels"), **arguments)
+    assert torch.count_nonzero(dictionary.bank) == 0 and dictionary.counts.sum() == 0
+
+
+def test_corrupt_dictionary_state_is_reported():
+    dictionary = cossim_fast.FeatureDictionary(3, 4, 5)
+    dictionary.ptr[1] = 4
+    with pytest.raises(ValueError, match=r"ptr must be in \[0, 3\], got 4 for class 1"):
+        dictionary.update(FEATURES, LABELS)
+
+
+def test_loss_module_needs_a_dictionary():
+    with pytest.raises(ValueError, match="dictionary must be given"):
+        cossim_fast.CosineSimilarityLoss(0.5)(FEATURES, LABELS)
