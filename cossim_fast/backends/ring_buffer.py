@@ -7,6 +7,8 @@ all shapes static, so nothing waits for the device, and the result is determinis
 
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import torch
 from torch import Tensor
 
@@ -26,6 +28,38 @@ def written_rows(counts_per_class: Tensor, first: Tensor, ptr: Tensor, slots: in
     return first[:, None] + rank, written
 
 
+class VisitPlan(NamedTuple):
+    """The visited rows grouped by class (visiting order kept within a class), where each
+    class's rows start, and how many of them each class takes (``n_k``, after the cap)."""
+
+    rows_by_class: Tensor
+    first: Tensor
+    taken: Tensor
+
+
+def plan_visits(labels: Tensor, order: Tensor | None, num_classes: int, max_per_class: int) -> VisitPlan:
+    """Group the visit sequence by class with device ops only (shared by every backend)."""
+    num_rows = labels.numel()
+    visit = order if order is not None else torch.arange(num_rows, device=labels.device)
+    visited_labels = labels[visit]
+    in_range = (visited_labels >= 0) & (visited_labels < num_classes)
+    key = torch.where(in_range, visited_labels, num_classes)
+    by_class = torch.argsort(key, stable=True)
+    per_class = torch.zeros(num_classes + 1, dtype=torch.int64, device=labels.device)
+    per_class.scatter_add_(0, key, torch.ones_like(key))
+    first = (torch.cumsum(per_class, 0) - per_class)[:num_classes]
+    taken = per_class[:num_classes]
+    if max_per_class >= 0:
+        taken = taken.clamp(max=max_per_class)
+    return VisitPlan(visit[by_class].contiguous(), first.contiguous(), taken.contiguous())
+
+
+def advance(counts: Tensor, ptr: Tensor, taken: Tensor, slots: int) -> None:
+    """Move each class's head past its new rows and grow its valid count (after the writes)."""
+    ptr.copy_(torch.remainder(ptr + taken, slots))
+    counts.copy_((counts + taken).clamp(max=slots))
+
+
 def ring_buffer_update_torch(
     bank: Tensor,
     counts: Tensor,
@@ -42,21 +76,9 @@ def ring_buffer_update_torch(
     num_rows = labels.numel()
     if num_rows == 0:
         return
-    visit = order if order is not None else torch.arange(num_rows, device=labels.device)
-    visited_labels = labels[visit]
-    in_range = (visited_labels >= 0) & (visited_labels < num_classes)
-    key = torch.where(in_range, visited_labels, num_classes)
-    _, by_class = torch.sort(key, stable=True)  # visiting order kept within each class
-    rows_by_class = visit[by_class]
-    per_class = torch.zeros(num_classes + 1, dtype=torch.int64, device=labels.device)
-    per_class.scatter_add_(0, key, torch.ones_like(key))
-    first = torch.cumsum(per_class, 0) - per_class
-    taken = per_class[:num_classes]
-    if max_per_class >= 0:
-        taken = taken.clamp(max=max_per_class)
-
-    position, written = written_rows(taken, first[:num_classes], ptr, slots)
-    source = rows_by_class[torch.where(written, position, 0).clamp(max=num_rows - 1)].reshape(-1)
+    plan = plan_visits(labels, order, num_classes, max_per_class)
+    position, written = written_rows(plan.taken, plan.first, ptr, slots)
+    source = plan.rows_by_class[torch.where(written, position, 0).clamp(max=num_rows - 1)].reshape(-1)
     written = written.reshape(-1)
     flat_bank = bank.view(num_classes * slots, dim)
     chunk = chunk_length(dim * 8)
@@ -65,5 +87,4 @@ def ring_buffer_update_torch(
         rows = source[start:stop]
         fresh = (gather_rows(features, rows).float() / denom[rows, None]).to(bank.dtype)
         flat_bank[start:stop] = torch.where(written[start:stop, None], fresh, flat_bank[start:stop])
-    ptr.copy_(torch.remainder(ptr + taken, slots))
-    counts.copy_((counts + taken).clamp(max=slots))
+    advance(counts, ptr, plan.taken, slots)

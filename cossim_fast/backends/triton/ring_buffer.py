@@ -9,10 +9,11 @@ written is ``(features[row].float() / denom[row]).to(bank.dtype)``: an IEEE fp32
 
 from __future__ import annotations
 
-import torch
 import triton
 import triton.language as tl
 from torch import Tensor
+
+from cossim_fast.backends.ring_buffer import advance, plan_visits
 
 ELEMENTS_PER_PROGRAM = 4096
 
@@ -80,18 +81,7 @@ def ring_buffer_update(
     num_rows = labels.numel()
     if num_rows == 0:
         return
-    visit = order if order is not None else torch.arange(num_rows, device=labels.device)
-    visited_labels = labels[visit]
-    key = torch.where((visited_labels >= 0) & (visited_labels < num_classes), visited_labels, num_classes)
-    by_class = torch.argsort(key, stable=True)  # visiting order kept within each class
-    rows_by_class = visit[by_class].contiguous()
-    per_class = torch.zeros(num_classes + 1, dtype=torch.int64, device=labels.device)
-    per_class.scatter_add_(0, key, torch.ones_like(key))
-    first = (torch.cumsum(per_class, 0) - per_class)[:num_classes].contiguous()
-    taken = per_class[:num_classes]
-    if max_per_class >= 0:
-        taken = taken.clamp(max=max_per_class)
-    taken = taken.contiguous()
+    plan = plan_visits(labels, order, num_classes, max_per_class)
 
     block_c = min(max(16, triton.next_power_of_2(dim)), 256)
     block_s = max(16, ELEMENTS_PER_PROGRAM // block_c)
@@ -99,9 +89,8 @@ def ring_buffer_update(
     _ring_buffer_kernel[grid](
         bank, *bank.stride(), num_classes, slots, dim,
         features, *features.stride(), features.shape[1],
-        denom, ptr, taken, first, rows_by_class,
+        denom, ptr, plan.taken, plan.first, plan.rows_by_class,
         BLOCK_S=block_s, BLOCK_C=block_c,
     )
     # Stream order: the kernel has read the old heads before they move.
-    ptr.copy_(torch.remainder(ptr + taken, slots))
-    counts.copy_((counts + taken).clamp(max=slots))
+    advance(counts, ptr, plan.taken, slots)
