@@ -61,6 +61,7 @@ class ModelConfig:
     pretrained: str | None = None  # a local torchvision-format ResNet state dict
     feature_point: str = "backbone"  # backbone | pre_activation
     freeze_bn: bool = False
+    init_from: str | None = None  # start from this checkpoint's weights (e.g. a source-only run)
 
 
 @dataclass
@@ -104,7 +105,7 @@ class TrainConfig:
     batch_size_source: int = 4
     batch_size_target: int = 4
     grad_accum: int = 1
-    amp: str = "none"  # none | bf16 | fp16 (GPU)
+    amp: str = "none"  # none | bf16 | fp16 (autocast on the run's device; fp16 adds loss scaling)
     log_every: int = 20
     eval_every: int = 200
     checkpoint_every: int = 200

@@ -103,10 +103,12 @@ class Trainer:
             config.model.name, NUM_CLASSES, pretrained=config.model.pretrained,
             feature_point=config.model.feature_point, freeze_bn=config.model.freeze_bn or None,
         ).to(self.device)
+        if config.model.init_from:
+            model.load_state_dict(checkpoint.load(config.model.init_from)["model"])
         self.model = model
         self.net = distributed.wrap(model, self.context)
         self.optimizer = self._make_optimizer(model)
-        self.scaler = torch.amp.GradScaler(self.device.type, enabled=config.train.amp == "fp16" and self.device.type == "cuda")
+        self.scaler = torch.amp.GradScaler(self.device.type, enabled=config.train.amp == "fp16")
         self.dictionary = cossim_fast.FeatureDictionary(
             NUM_CLASSES, config.cosine.slots_per_class, model.feature_channels, device=self.device
         )
@@ -178,9 +180,9 @@ class Trainer:
 
     def _autocast(self):
         amp = self.config.train.amp
-        if amp == "none" or self.device.type != "cuda":
+        if amp == "none":
             return contextlib.nullcontext()
-        return torch.autocast("cuda", dtype=torch.bfloat16 if amp == "bf16" else torch.float16)
+        return torch.autocast(self.device.type, dtype=torch.bfloat16 if amp == "bf16" else torch.float16)
 
     def _backward(self, loss: torch.Tensor, sync: bool) -> None:
         context = contextlib.nullcontext() if sync or self.net is self.model else self.net.no_sync()

@@ -81,3 +81,22 @@ def test_pre_activation_features_and_all_mode_run(tiny_config):
 def test_missing_dataset_is_reported_before_training(tiny_config, tmp_path):
     with pytest.raises(DatasetError, match="missing folder"):
         Trainer(tiny_config(f"data.target.root={tmp_path / 'nowhere'}"), progress=False)
+
+
+@pytest.mark.parametrize("amp", ["bf16", "fp16"])
+def test_mixed_precision_run(tiny_config, amp):
+    trainer = Trainer(tiny_config(f"train.amp={amp}", "train.iterations=3", "train.eval_every=3"), progress=False)
+    result = trainer.train()
+    assert trainer.scaler.is_enabled() == (amp == "fp16")
+    train_rows = [r for r in trainer.history if "loss_ce" in r]
+    assert all(torch.isfinite(torch.tensor(r["loss_cos"])) for r in train_rows) and result["pixels"] > 0
+
+
+def test_start_from_a_source_only_checkpoint(tiny_config):
+    source_only = Trainer(tiny_config("cosine.enabled=false", "train.iterations=2", "train.eval_every=2", output="source_only"), progress=False)
+    source_only.train()
+    path = source_only.run_dir / "checkpoints" / "last.pt"
+    adapted = Trainer(tiny_config(f"model.init_from={path}", output="adapted"), progress=False)
+    for name, value in source_only.model.state_dict().items():
+        assert torch.equal(adapted.model.state_dict()[name], value), name
+    assert adapted.iteration == 0
