@@ -1,0 +1,136 @@
+"""Fast checks of the benchmark tools themselves (no timing): the per-class baseline computes
+what the reference computes, the frontier search brackets a known frontier, and the report
+reads what the runner writes.
+
+    python -m pytest bench/test_baselines.py
+"""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+import torch
+
+import cossim_fast
+from bench import baselines, frontier, harness, report
+from bench import run as bench_run
+
+
+def _problem(dtype=torch.float32):
+    generator = torch.Generator().manual_seed(0)
+    bank = torch.nn.functional.normalize(torch.randn(5, 37, 16, generator=generator), dim=2).to(dtype)
+    counts = torch.tensor([37, 0, 5, 20, 37])
+    features = torch.randn(300, 16, generator=generator).to(dtype).requires_grad_(True)
+    labels = torch.randint(0, 5, (300,), generator=generator)
+    labels[::7] = 255
+    return features, labels, bank, counts
+
+
+def test_per_class_max_matches_reference():
+    features, labels, bank, counts = _problem()
+    values, indices = baselines.max_cosine_similarity(features, labels, bank, counts)
+    ref_values, ref_indices = cossim_fast.max_cosine_similarity(features, labels, bank, counts, backend="reference")
+    assert torch.equal(indices, ref_indices)
+    assert torch.equal(torch.isinf(values), torch.isinf(ref_values))
+    found = ref_indices >= 0
+    torch.testing.assert_close(values[found], ref_values[found], atol=1e-6, rtol=0)
+
+
+@pytest.mark.parametrize("mode", ["max", "all"])
+@pytest.mark.parametrize("reduction", ["mean", "class_mean"])
+def test_per_class_loss_and_gradient_match_reference(mode, reduction):
+    features, labels, bank, counts = _problem()
+    loss = baselines.cosine_similarity_loss(features, labels, bank, counts, 0.1, mode=mode, reduction=reduction)
+    (grad,) = torch.autograd.grad(loss, features)
+    ref = cossim_fast.cosine_similarity_loss(features, labels, bank, counts, 0.1, mode=mode, reduction=reduction, backend="reference")
+    (ref_grad,) = torch.autograd.grad(ref, features)
+    torch.testing.assert_close(loss, ref, atol=1e-6, rtol=0)
+    torch.testing.assert_close(grad, ref_grad, atol=1e-6, rtol=0)
+
+
+def test_per_class_loss_with_nothing_selected_is_zero_and_connected():
+    features, labels, bank, counts = _problem()
+    loss = baselines.cosine_similarity_loss(features, labels, bank, counts, 1.5)
+    loss.backward()
+    assert loss.item() == 0 and torch.count_nonzero(features.grad) == 0
+
+
+def test_per_class_bf16_is_close_to_reference():
+    features, labels, bank, counts = _problem(torch.bfloat16)
+    values, _ = baselines.max_cosine_similarity(features, labels, bank, counts)
+    ref_values, ref_indices = cossim_fast.max_cosine_similarity(features, labels, bank, counts, backend="reference")
+    found = ref_indices >= 0
+    torch.testing.assert_close(values[found], ref_values[found], atol=2e-2, rtol=0)
+
+
+def test_per_class_update_is_bitwise_the_package_update():
+    dictionary = cossim_fast.FeatureDictionary(5, 9, 16)
+    bank, counts, ptr = dictionary.bank.clone(), dictionary.counts.clone(), dictionary.ptr.clone()
+    generator = torch.Generator().manual_seed(1)
+    for rows in (50, 400, 3):
+        source = torch.randn(rows, 16, generator=generator)
+        labels = torch.randint(0, 5, (rows,), generator=generator)
+        labels[::5] = 255
+        dictionary.update(source, labels, backend="reference", max_per_class=30)
+        baselines.dictionary_update(bank, counts, ptr, source, labels, max_per_class=30)
+        assert torch.equal(dictionary.bank, bank) and torch.equal(dictionary.counts, counts) and torch.equal(dictionary.ptr, ptr)
+
+
+def test_per_class_gemms_count_the_valid_work():
+    features, labels, bank, counts = _problem()
+    gemms = baselines.PerClassGemms(features.detach(), labels, bank, counts)
+    gemms()
+    valid_counts = counts[labels.clamp(max=4)] * (labels != 255)
+    assert gemms.flops == 2 * 16 * int(valid_counts.sum())
+
+
+def test_every_grid_case_prepares_and_runs_on_a_small_size():
+    harness.configure_for_benchmarks(False)
+    try:
+        for case in harness.grid_cases("cpu", "cpu"):
+            small = harness.Case(case.op, case.impl, 64, 8, 16, case.dtype, "cpu")
+            if harness.skip_reason(small):
+                continue
+            harness.call_once(harness.prepare(small))
+    finally:
+        cossim_fast.set_strict(False)
+        cossim_fast.set_value_checks(True)
+        harness.clear_cache()
+
+
+def test_reference_over_memory_limit_is_skipped_with_its_size(monkeypatch):
+    monkeypatch.setenv("COSSIM_BENCH_MEMORY_LIMIT_GIB", "1")
+    reason = harness.skip_reason(harness.Case("max-fwd", "reference", 131072, 4096, 256, "fp32"))
+    assert reason and "131072 x 77824" in reason and "GiB" in reason
+
+
+def test_frontier_search_brackets_a_linear_frontier():
+    budget = 100 * 2**20
+    spec = frontier.StepSpec("torch", 1024, 256, 19, "fp32", "max", 0.0, "cpu")
+
+    def measure(rows):  # peak = 10 MiB + 1 KiB per row: frontier at 92160 rows
+        peak = 10 * 2**20 + rows * 1024
+        return {"fits": peak <= budget, "peak_bytes": peak}
+
+    result = frontier.search(spec, measure, budget, start_n=4096, step=256, tol=0.05, max_n=2**26, deadline=math.inf, lower_bound=lambda rows: 0)
+    assert result.largest_n <= 92160 < result.smallest_failing_n
+    assert result.smallest_failing_n <= result.largest_n * 1.05 + 256
+    assert len(result.probes) <= 8
+
+
+def test_report_reads_runner_output(tmp_path):
+    case = harness.Case("max-fwd", "torch", 64, 8, 16, "fp32")
+    harness.configure_for_benchmarks(False)
+    try:
+        entry = bench_run.run_case(case, rounds=2, warmup=0, measure_memory=False)
+        ref = bench_run.run_case(harness.Case("max-fwd", "reference", 64, 8, 16, "fp32"), rounds=2, warmup=0, measure_memory=False)
+    finally:
+        cossim_fast.set_strict(False)
+        cossim_fast.set_value_checks(True)
+    path = tmp_path / "results.json"
+    path.write_text(json.dumps({"machine_info": harness.machine_info(), "benchmarks": [entry, ref]}))
+    assert report.main([str(path), "--out", str(tmp_path / "out"), "--no-plots"]) == 0
+    text = (tmp_path / "out" / "report.md").read_text()
+    assert "| max-fwd | 64 | 8 | 16 | fp32 | torch |" in text and "1.00x" in text
