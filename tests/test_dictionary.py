@@ -126,3 +126,21 @@ def test_stored_entries_are_unit_norm_and_detached():
     dictionary.update(features, torch.tensor([0, 1] * 6))
     assert not dictionary.bank.requires_grad
     torch.testing.assert_close(dictionary.bank[:, :6].norm(dim=2), torch.ones(2, 6))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_static_shape_and_compact_writes_agree_bitwise(dtype):
+    """The GPU path (every slot rewritten, no sync) checked on the CPU against the CPU path."""
+    from cossim_fast.backends import ring_buffer
+
+    bank = torch.randn(4, 6, 9).to(dtype)
+    ptr = torch.tensor([0, 5, 3, 1])
+    features, labels = make_rows(40, 9, 4)
+    labels[:20] = 1  # n_k > M for class 1
+    order = torch.randperm(40)
+    denom = features.norm(dim=1).clamp_min(1e-12)
+    plan = ring_buffer.plan_visits(labels, order, 4, 8)
+    static, compact = bank.clone(), bank.clone()
+    ring_buffer._write_every_slot(static, ptr, features.unsqueeze(0), denom, plan)
+    ring_buffer._write_surviving_rows(compact, ptr, features.unsqueeze(0), denom, plan)
+    assert torch.equal(static, compact) and not torch.equal(static, bank)
