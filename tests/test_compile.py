@@ -41,14 +41,18 @@ def test_opcheck_update_op():
     torch.library.opcheck(torch.ops.cossim_fast.update_dictionary, args)
 
 
+COMPILE_BACKENDS = ["auto"] + [b for b in cossim_fast.available_backends("cpu") if b == "triton"]
+
+
+@pytest.mark.parametrize("backend", COMPILE_BACKENDS)
 @pytest.mark.parametrize("mode", ["max", "all"])
-def test_compiled_loss_fullgraph_matches_eager(mode):
+def test_compiled_loss_fullgraph_matches_eager(mode, backend):
     dictionary = cossim_fast.FeatureDictionary(4, 6, 5)
     dictionary.update(*make_rows(40, 5, 4, ignore_share=0.0))
 
     def step(features, labels):
         return cossim_fast.cosine_similarity_loss(
-            features, labels, dictionary.bank, dictionary.counts, 0.1, mode=mode, reduction="class_mean"
+            features, labels, dictionary.bank, dictionary.counts, 0.1, mode=mode, reduction="class_mean", backend=backend
         )
 
     compiled = torch.compile(step, fullgraph=True, backend="inductor")
