@@ -6,9 +6,9 @@
 The step (``--step``) is what must fit, inputs included. ``loss``: target features ``N x C``
 (requiring grad) and labels, a full ``K x M x C`` dictionary, the cosine-similarity loss and its
 backward (the features' gradient included). Steps are entries of ``STEPS``: a step is a class
-with ``build(N) -> callable`` and ``lower_bound_bytes(N)``; a trainer step (network forward +
-backward + loss) becomes one more entry once the trainer model exists, with no change to the
-search. Only ``loss`` exists now.
+with ``build(N) -> callable`` and ``lower_bound_bytes(N)``. ``train``: one iteration of the trainer's recipe with its model
+(``--model``, default the small DeepLab-v2) at one source and one target 2:1 image whose feature
+maps hold N pixels: what "train at higher resolution under a memory limit" means in numbers.
 
 How "fits" is decided:
 - GPU: in this process, ``torch.cuda.set_per_process_memory_fraction`` caps the caching allocator
@@ -51,6 +51,7 @@ class StepSpec:
     threshold: float
     device: str
     step: str = "loss"
+    model: str = "deeplabv2_small"
 
 
 class LossStep:
@@ -99,8 +100,74 @@ class LossStep:
         return step
 
 
-#: The steps whose frontier can be measured; the trainer step is added here when it exists.
-STEPS = {"loss": LossStep}
+class TrainStep:
+    """One training iteration of the trainer's recipe at one source and one target image whose
+    feature maps hold N pixels (2:1 images at output stride 8): source forward + CE + backward,
+    the dictionary update, target forward + pseudo-labels + the cosine loss + backward."""
+
+    def __init__(self, spec: StepSpec) -> None:
+        from bench import harness
+
+        self.spec = spec
+        self.dtype = harness.DTYPES[spec.dtype]
+
+    @staticmethod
+    def feature_size(rows: int) -> tuple[int, int]:
+        height = max(2, round(math.sqrt(rows / 2)))
+        return height, 2 * height
+
+    def lower_bound_bytes(self, rows: int) -> int:
+        spec = self.spec
+        needed = spec.K * spec.M * spec.C * 4
+        if spec.impl == "reference":
+            needed += rows * spec.K * spec.M * 4
+        return needed
+
+    def build(self, rows: int):
+        import torch.nn.functional as F
+
+        import cossim_fast
+        from bench import baselines
+        from cossim_fast.models import build_model
+        from cossim_fast.training.target_losses import downsample_labels, pseudo_labels
+
+        spec = self.spec
+        device = torch.device(spec.device)
+        model = build_model(spec.model, spec.K).to(device).train()
+        dictionary = cossim_fast.FeatureDictionary(spec.K, spec.M, model.feature_channels, device=device)
+        full = torch.nn.functional.normalize(torch.randn(spec.K, spec.M, model.feature_channels, device=device), dim=2)
+        dictionary.bank.copy_(full)
+        dictionary.counts.fill_(spec.M)
+        del full
+        height, width = self.feature_size(rows)
+        source = torch.randn(1, 3, 8 * height, 8 * width, device=device)
+        target = torch.randn(1, 3, 8 * height, 8 * width, device=device)
+        labels = torch.randint(0, spec.K, (1, 8 * height, 8 * width), device=device)
+        autocast = torch.autocast(device.type, dtype=self.dtype, enabled=self.dtype != torch.float32)
+
+        def step():
+            with autocast:
+                out = model(source)
+                logits = F.interpolate(out.logits, size=labels.shape[-2:], mode="bilinear", align_corners=False)
+                F.cross_entropy(logits.float(), labels).backward()
+            dictionary.update(out.features.detach().float(), downsample_labels(labels, out.features.shape[-2:]), max_per_class=64)
+            with autocast:
+                out_t = model(target)
+                pseudo = pseudo_labels(out_t.logits, 0.0, None)
+                if spec.impl == "per_class":
+                    rows_t = out_t.features.permute(0, 2, 3, 1).reshape(-1, out_t.features.shape[1])
+                    loss = baselines.cosine_similarity_loss(
+                        rows_t, pseudo.reshape(-1), dictionary.bank, dictionary.counts, spec.threshold, mode=spec.mode
+                    )
+                else:
+                    loss = dictionary.loss(out_t.features, pseudo, spec.threshold, mode=spec.mode, backend=spec.impl)
+            loss.backward()
+
+        return step
+
+
+#: The steps whose frontier can be measured.
+STEPS = {"loss": LossStep, "train": TrainStep}
 
 
 def make_step(spec: StepSpec):
@@ -330,7 +397,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--mode", choices=("max", "all"), default="max")
     parser.add_argument("--threshold", type=float, default=0.0)
     parser.add_argument("--impls", default=",".join(DEFAULT_IMPLS))
-    parser.add_argument("--step", choices=tuple(STEPS), default="loss", help="what must fit (only 'loss' exists yet)")
+    parser.add_argument("--step", choices=tuple(STEPS), default="loss", help="what must fit: the loss step, or a training iteration of the trainer's model")
+    parser.add_argument("--model", default="deeplabv2_small", help="the trainer model of --step train (its feature channels replace --C)")
     parser.add_argument("--start-n", type=int, default=4096)
     parser.add_argument("--round-to", type=int, default=256, help="N is a multiple of this")
     parser.add_argument("--tol", type=float, default=0.05, help="stop when the bracket is within this fraction")
@@ -345,6 +413,10 @@ def main(argv: list[str] | None = None) -> int:
     from bench import harness
 
     harness.configure_for_benchmarks(False)
+    if args.step == "train":
+        from cossim_fast.models import build_model
+
+        args.C = build_model(args.model, args.K).feature_channels
     budget = int((args.budget_mib or DEFAULT_BUDGET_MIB[args.device]) * 2**20)
     impls = [impl for impl in args.impls.split(",") if impl]
     slots_list = [int(m) for m in args.M.split(",") if m]
@@ -358,7 +430,7 @@ def main(argv: list[str] | None = None) -> int:
     results, skipped = [], []
     for slots in slots_list:
         for impl in impls:
-            spec = StepSpec(impl, slots, args.C, args.K, args.dtype, args.mode, args.threshold, args.device, args.step)
+            spec = StepSpec(impl, slots, args.C, args.K, args.dtype, args.mode, args.threshold, args.device, args.step, args.model)
             reason = unsupported(spec)
             if reason:
                 skipped.append({"M": slots, "impl": impl, "reason": reason})
