@@ -1,7 +1,9 @@
 """Soft import of the compiled extension ``cossim_fast._C`` (never raises).
 
 Importing ``cossim_fast._C`` loads the shared object, whose static registrations define the ops
-``torch.ops.cossim_fast.ring_buffer_update`` and ``torch.ops.cossim_fast.extension_info``.
+``torch.ops.cossim_fast.ring_buffer_update``, ``torch.ops.cossim_fast.extension_info`` and the
+cosine-similarity ops ``cuda_max_forward``, ``cuda_all_forward``, ``cuda_max_backward`` and
+``cuda_all_backward``.
 When that is impossible (the package was installed with ``COSSIM_FAST_SKIP_EXTENSION=1``, the
 import failed, or the extension was built for another CUDA or torch version) ``load_error``
 says why, ``is_loaded()`` is False and the pure-PyTorch backends serve every call.
@@ -106,9 +108,46 @@ def _register_fakes() -> str | None:
         ) -> None:
             return None
 
+        # The cosine-similarity ops (csrc/cosine_similarity.h): outputs are fp32 whatever the
+        # input dtype; the gradients have the features' dtype and are (N, C) contiguous. An
+        # extension built before these ops existed lacks them (has_cosine_ops() says so).
+        if not has_cosine_ops():
+            return None
+
+        @torch.library.register_fake("cossim_fast::cuda_max_forward")
+        def _cuda_max_forward_fake(features, labels, bank, counts, rows, tiles, fp32_precision):
+            num_rows = labels.shape[0]
+            return features.new_empty(num_rows, dtype=torch.float32), labels.new_empty(num_rows)
+
+        @torch.library.register_fake("cossim_fast::cuda_all_forward")
+        def _cuda_all_forward_fake(features, labels, bank, counts, rows, tiles, threshold, fp32_precision):
+            num_rows = labels.shape[0]
+            return (
+                labels.new_empty(num_rows),
+                features.new_empty(num_rows, dtype=torch.float32),
+                features.new_empty(num_rows, features.shape[2], dtype=torch.float32),
+            )
+
+        @torch.library.register_fake("cossim_fast::cuda_max_backward")
+        def _cuda_max_backward_fake(grad_values, features, labels, bank, values, indices):
+            return features.new_empty(labels.shape[0], features.shape[2])
+
+        @torch.library.register_fake("cossim_fast::cuda_all_backward")
+        def _cuda_all_backward_fake(grad_ssum, features, ssum, dsum):
+            return features.new_empty(dsum.shape[0], features.shape[2])
+
     except Exception as error:  # noqa: BLE001 - e.g. registered twice after a module reload
         return f"{type(error).__name__}: {error}"
     return None
+
+
+#: The cosine-similarity ops of the extension (csrc/cosine_similarity.h).
+COSINE_OPS = ("cuda_max_forward", "cuda_all_forward", "cuda_max_backward", "cuda_all_backward")
+
+
+def has_cosine_ops() -> bool:
+    """Whether the imported extension registers the cosine-similarity ops (False for an older build)."""
+    return _imported and all(hasattr(torch.ops.cossim_fast, name) for name in COSINE_OPS)
 
 
 load_error = _load()

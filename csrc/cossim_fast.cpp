@@ -65,6 +65,18 @@ TORCH_LIBRARY(cossim_fast, m) {
   m.def(
       "ring_buffer_update(Tensor(a!) bank, Tensor(b!) counts, Tensor(c!) ptr, Tensor features, "
       "Tensor labels, Tensor? order, Tensor denom, int max_per_class, int ignore_index) -> ()");
+  // Class-bucketed cosine similarity (METHOD.md 3 and 4; cosine_similarity.h): forward with the
+  // device-built class schedule (rows sorted by class, tiles = (class, start, end) per block).
+  m.def(
+      "cuda_max_forward(Tensor features, Tensor labels, Tensor bank, Tensor counts, Tensor rows, "
+      "Tensor tiles, str fp32_precision) -> (Tensor values, Tensor indices)");
+  m.def(
+      "cuda_all_forward(Tensor features, Tensor labels, Tensor bank, Tensor counts, Tensor rows, "
+      "Tensor tiles, float threshold, str fp32_precision) -> (Tensor count, Tensor ssum, Tensor dsum)");
+  m.def(
+      "cuda_max_backward(Tensor grad_values, Tensor features, Tensor labels, Tensor bank, Tensor values, "
+      "Tensor indices) -> Tensor");
+  m.def("cuda_all_backward(Tensor grad_ssum, Tensor features, Tensor ssum, Tensor dsum) -> Tensor");
   // No tensor arguments: a catch-all kernel, callable as torch.ops.cossim_fast.extension_info().
   m.def("extension_info() -> str", &cossim_fast::extension_info);
 }

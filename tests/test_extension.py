@@ -193,15 +193,13 @@ def test_cuda_backend_reasons():
     cpu = backend.unsupported_reasons("update", torch.device("cpu"), torch.float32)
     assert any("tensors are on cpu" in reason for reason in cpu)
     assert any("float64 is not supported" in r for r in backend.unsupported_reasons("update", torch.device("cuda"), torch.float64))
-    forward = backend.unsupported_reasons("max_forward", torch.device("cuda"), torch.float32)
-    assert any("max_forward is not implemented" in reason for reason in forward)
+    assert backend.auto_skip_reasons("max_forward", torch.device("cuda"), torch.float32)
+    assert backend.auto_skip_reasons("update", torch.device("cuda"), torch.float32) == []
     update = backend.unsupported_reasons("update", torch.device("cuda"), torch.bfloat16)
     if _extension.has_cuda_kernels():
         assert update == []
     else:
         assert any("without CUDA kernels" in reason for reason in update)
-    with pytest.raises(NotImplementedError):
-        backend.max_forward(None, None, None, None, IGNORE)
 
 
 # --------------------------------------------------------------------------------------------

@@ -1,10 +1,21 @@
-"""The compiled CUDA backend (``cossim_fast._C``): for now only the dictionary update.
+"""The compiled CUDA backend (``cossim_fast._C``): hand-written kernels for every operation.
 
-The forward and backward kernels are not written yet: ``unsupported_reasons`` says so, and the
-chooser falls back to the ``triton`` or ``torch`` backend for them.
+- forward ("max" and "all"): ``torch.ops.cossim_fast.cuda_max_forward`` / ``cuda_all_forward``.
+  The rows are grouped by class on the device (``class_tiles``, torch ops only, no host
+  synchronization); one thread block per (class, row tile) streams that class's valid slots
+  through shared memory. bf16/fp16 run on tensor cores (WMMA, fp32 accumulation); fp32 runs as
+  exact fp32 FMAs ("ieee", default) or on TF32 tensor cores ("tf32"), chosen by
+  ``COSSIM_FAST_CUDA_FP32_PRECISION=ieee|tf32`` or ``set_fp32_precision``; a bank whose dtype
+  differs from the features' is always dotted in exact fp32.
+- backward: ``cuda_max_backward`` / ``cuda_all_backward``, elementwise per row.
+- dictionary update: ``ring_buffer_update``.
+
+The kernels are in ``csrc/cuda/cosine_similarity.cu`` and ``csrc/cuda/dictionary_update.cu``.
 """
 
 from __future__ import annotations
+
+import os
 
 import torch
 from torch import Tensor
@@ -12,13 +23,95 @@ from torch import Tensor
 from cossim_fast import _extension
 from cossim_fast.backends.base import OPERATIONS, Backend
 
-#: Operations the CUDA extension implements so far.
-IMPLEMENTED = ("update",)
+#: Operations the CUDA extension implements.
+IMPLEMENTED = ("max_forward", "max_backward", "all_forward", "all_backward", "update")
 DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+#: How fp32 x fp32 dot products run in the forward kernels.
+FP32_PRECISIONS = ("ieee", "tf32")
+PRECISION_ENV = "COSSIM_FAST_CUDA_FP32_PRECISION"
+#: Rows per thread block of the forward kernels (kBlockM in csrc/cuda/cosine_similarity.cu). A
+#: schedule with longer tiles would still be correct (a block loops over its tile), only coarser.
+TILE_ROWS = 64
+#: The tensor-core paths (bf16/fp16, tf32) need compute capability 8.0 (WMMA bf16/tf32).
+MIN_TENSOR_CORE_CAPABILITY = (8, 0)
+
+_OPS_USING_COSINE_KERNELS = ("max_forward", "max_backward", "all_forward", "all_backward")
 
 
 def _dtype_name(dtype: torch.dtype) -> str:
     return str(dtype).removeprefix("torch.")
+
+
+def _read_precision() -> tuple[str, str | None]:
+    """The precision from the environment and, if it is not valid, why (reported, not raised)."""
+    value = os.environ.get(PRECISION_ENV, "ieee").strip().lower() or "ieee"
+    if value not in FP32_PRECISIONS:
+        return "ieee", f"environment variable {PRECISION_ENV} must be one of {FP32_PRECISIONS}, got {value!r}"
+    return value, None
+
+
+_fp32_precision, _precision_error = _read_precision()
+
+
+def set_fp32_precision(precision: str) -> None:
+    """How fp32 dots run: "ieee" (exact fp32 FMAs, default) or "tf32" (tensor cores, ~1e-3)."""
+    global _fp32_precision, _precision_error
+    if precision not in FP32_PRECISIONS:
+        raise ValueError(f"CUDA fp32 precision must be one of {FP32_PRECISIONS}, got {precision!r}")
+    _fp32_precision, _precision_error = precision, None
+
+
+def fp32_precision() -> str:
+    return _fp32_precision
+
+
+def class_tiles(labels: Tensor, num_classes: int, block_m: int) -> tuple[Tensor, Tensor]:
+    """Rows grouped by class and one ``(class, start, end)`` tile per thread block, on the device.
+
+    ``rows``: the row ids sorted by class (stable; rows of no class, such as ``ignore_index``,
+    last). ``tiles``: ``(T, 3)`` int64; tile t owns ``rows[start:end]``, at most ``block_m`` rows
+    of one class; tiles past the schedule have class -1. ``T = ceil(N / block_m) + min(K, N)``
+    bounds the schedule from static sizes (each class wastes less than one tile), so nothing
+    waits for the device.
+    """
+    num_rows = labels.numel()
+    device = labels.device
+    if num_rows == 0 or num_classes == 0:
+        return torch.arange(num_rows, device=device), torch.empty(0, 3, dtype=torch.int64, device=device)
+    key = torch.where((labels >= 0) & (labels < num_classes), labels, num_classes)
+    rows = torch.argsort(key, stable=True)
+    per_class = torch.zeros(num_classes + 1, dtype=torch.int64, device=device)
+    per_class.scatter_add_(0, key, torch.ones_like(key))
+    per_class = per_class[:num_classes]
+    first_row = torch.cumsum(per_class, 0) - per_class  # where each class starts in `rows`
+    tiles_per_class = torch.div(per_class + block_m - 1, block_m, rounding_mode="floor")
+    last_tile = torch.cumsum(tiles_per_class, 0)  # exclusive end of each class's tiles
+    num_tiles = (num_rows + block_m - 1) // block_m + min(num_classes, num_rows)
+    tile = torch.arange(num_tiles, device=device)
+    owner = torch.searchsorted(last_tile, tile, right=True)
+    scheduled = owner < num_classes
+    cls = owner.clamp(max=num_classes - 1)
+    start = first_row[cls] + (tile - (last_tile[cls] - tiles_per_class[cls])) * block_m
+    end = torch.minimum(start + block_m, first_row[cls] + per_class[cls])
+    tiles = torch.stack([torch.where(scheduled, cls, -1), start, end], dim=1).contiguous()
+    return rows, tiles
+
+
+def _tensor_core_reason(op: str, device: torch.device, dtype: torch.dtype) -> str | None:
+    """Compute capability below 8.0 for an input that takes a tensor-core path, or None."""
+    if op not in ("max_forward", "all_forward") or device.type != "cuda" or not torch.cuda.is_available():
+        return None
+    uses_tensor_cores = dtype in (torch.bfloat16, torch.float16) or _fp32_precision == "tf32"
+    if not uses_tensor_cores:
+        return None
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    capability = torch.cuda.get_device_capability(index)
+    if capability < MIN_TENSOR_CORE_CAPABILITY:
+        return (
+            f"{_dtype_name(dtype)} forward needs compute capability >= 8.0 (tensor cores), "
+            f"device has {capability[0]}.{capability[1]}"
+        )
+    return None
 
 
 class CudaBackend(Backend):
@@ -34,6 +127,10 @@ class CudaBackend(Backend):
             reasons.append(f"the CUDA extension is not loaded: {_extension.load_error}")
         elif not _extension.has_cuda_kernels():
             reasons.append("the extension was built without CUDA kernels (CPU-only build)")
+        elif op in _OPS_USING_COSINE_KERNELS and not _extension.has_cosine_ops():
+            reasons.append(
+                f"the loaded extension predates the {op} kernel; rebuild it: pip install -e . --no-build-isolation"
+            )
         device = torch.device(device)
         if device.type != "cuda":
             reasons.append(f"tensors are on {device.type}, the CUDA kernels need cuda")
@@ -43,19 +140,54 @@ class CudaBackend(Backend):
             reasons.append(
                 f"dtype {_dtype_name(dtype)} is not supported ({', '.join(_dtype_name(d) for d in DTYPES)})"
             )
+        if op in ("max_forward", "all_forward") and _precision_error:
+            reasons.append(_precision_error)
+        if not reasons:
+            why = _tensor_core_reason(op, device, dtype)
+            if why:
+                reasons.append(why)
         return reasons
 
+    def auto_skip_reasons(self, op: str, device: torch.device, dtype: torch.dtype) -> list[str]:
+        # The forward/backward kernels compile but have not yet run on a GPU: "auto" uses them
+        # only after they pass there (backend="cuda" still reaches them explicitly).
+        if op in _OPS_USING_COSINE_KERNELS:
+            return [f"the CUDA {op} kernel has not been verified on a GPU yet"]
+        return []
+
+    def _schedule(self, labels: Tensor, bank: Tensor) -> tuple[Tensor, Tensor]:
+        return class_tiles(labels, bank.shape[0], TILE_ROWS)
+
     def max_forward(self, features, labels, bank, counts, ignore_index):
-        raise NotImplementedError("max_forward is not implemented in the CUDA extension yet")
+        # ignore_index is never a class (the contract checks it), so "no class" = outside [0, K).
+        rows, tiles = self._schedule(labels, bank)
+        return torch.ops.cossim_fast.cuda_max_forward(
+            features, labels, bank, counts.contiguous(), rows, tiles, _fp32_precision
+        )
 
     def max_backward(self, grad_values, features, labels, bank, values, indices):
-        raise NotImplementedError("max_backward is not implemented in the CUDA extension yet")
+        return torch.ops.cossim_fast.cuda_max_backward(
+            grad_values.to(torch.float32).contiguous(),  # e.g. an expanded (stride 0) gradient
+            features,
+            labels.contiguous(),
+            bank,
+            values.to(torch.float32).contiguous(),
+            indices.contiguous(),
+        )
 
     def all_forward(self, features, labels, bank, counts, threshold, ignore_index):
-        raise NotImplementedError("all_forward is not implemented in the CUDA extension yet")
+        rows, tiles = self._schedule(labels, bank)
+        return torch.ops.cossim_fast.cuda_all_forward(
+            features, labels, bank, counts.contiguous(), rows, tiles, float(threshold), _fp32_precision
+        )
 
     def all_backward(self, grad_ssum, features, ssum, dsum):
-        raise NotImplementedError("all_backward is not implemented in the CUDA extension yet")
+        return torch.ops.cossim_fast.cuda_all_backward(
+            grad_ssum.to(torch.float32).contiguous(),
+            features,
+            ssum.to(torch.float32).contiguous(),
+            dsum.to(torch.float32).contiguous(),
+        )
 
     def update(
         self,
