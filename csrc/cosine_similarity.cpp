@@ -3,6 +3,8 @@
 // CPU-only and the CUDA build, so the checks are testable without a GPU.
 #include "cosine_similarity.h"
 
+#include "checks.h"
+
 #include <climits>
 #include <string>
 
@@ -16,39 +18,6 @@ constexpr const char* kMaxForward = "cossim_fast::cuda_max_forward: ";
 constexpr const char* kAllForward = "cossim_fast::cuda_all_forward: ";
 constexpr const char* kMaxBackward = "cossim_fast::cuda_max_backward: ";
 constexpr const char* kAllBackward = "cossim_fast::cuda_all_backward: ";
-
-bool is_float_family(c10::ScalarType t) {
-  return t == c10::ScalarType::Float || t == c10::ScalarType::BFloat16 || t == c10::ScalarType::Half;
-}
-
-void check_defined(const char* op, const at::Tensor& t, const char* name) {
-  TORCH_CHECK(t.defined(), op, name, " must be a tensor, got an undefined tensor");
-}
-
-void check_same_device(const char* op, const at::Tensor& t, const char* name, const at::Tensor& features) {
-  TORCH_CHECK(
-      t.device() == features.device(), op, name, " must be on the same device as features (", features.device(),
-      "), got ", t.device());
-}
-
-// A 1-D vector of `length` elements of `dtype`, contiguous, on features' device.
-void check_vector(
-    const char* op,
-    const at::Tensor& t,
-    const char* name,
-    c10::ScalarType dtype,
-    const char* dtype_name,
-    int64_t length,
-    const char* length_name,
-    const at::Tensor& features) {
-  check_defined(op, t, name);
-  check_same_device(op, t, name, features);
-  TORCH_CHECK(t.scalar_type() == dtype, op, name, " must be ", dtype_name, ", got ", t.scalar_type());
-  TORCH_CHECK(
-      t.dim() == 1 && t.size(0) == length, op, name, " must have shape (", length, ",) = (", length_name, ",), got ",
-      t.sizes());
-  TORCH_CHECK(t.is_contiguous(), op, name, " must be contiguous, got strides ", t.strides());
-}
 
 // features (B, P, C): 3-D, float32/bfloat16/float16, any strides. Returns N = B*P.
 int64_t check_features(const char* op, const at::Tensor& features) {
@@ -65,7 +34,7 @@ int64_t check_features(const char* op, const at::Tensor& features) {
 // bank (K, M, C): 3-D, contiguous, float32/bfloat16/float16, C as features', on features' device.
 void check_bank(const char* op, const at::Tensor& bank, const at::Tensor& features) {
   check_defined(op, bank, "bank");
-  check_same_device(op, bank, "bank", features);
+  check_same_device(op, bank, "bank", features, "features");
   TORCH_CHECK(bank.dim() == 3, op, "bank must be 3-D (K, M, C), got ", bank.dim(), "-D of shape ", bank.sizes());
   TORCH_CHECK(
       is_float_family(bank.scalar_type()), op, "bank must be float32, bfloat16 or float16, got ", bank.scalar_type());
@@ -100,12 +69,12 @@ void check_class_forward_args(
     const at::Tensor& rows,
     const at::Tensor& tiles) {
   const int64_t num_rows = check_features(op, features);
-  check_vector(op, labels, "labels", c10::ScalarType::Long, "int64 (torch.long)", num_rows, "B*P", features);
+  check_vector(op, labels, "labels", c10::ScalarType::Long, "int64 (torch.long)", num_rows, "B*P", features, "features");
   check_bank(op, bank, features);
-  check_vector(op, counts, "counts", c10::ScalarType::Long, "int64 (torch.long)", bank.size(0), "K", features);
-  check_vector(op, rows, "rows", c10::ScalarType::Long, "int64 (torch.long)", num_rows, "B*P", features);
+  check_vector(op, counts, "counts", c10::ScalarType::Long, "int64 (torch.long)", bank.size(0), "K", features, "features");
+  check_vector(op, rows, "rows", c10::ScalarType::Long, "int64 (torch.long)", num_rows, "B*P", features, "features");
   check_defined(op, tiles, "tiles");
-  check_same_device(op, tiles, "tiles", features);
+  check_same_device(op, tiles, "tiles", features, "features");
   TORCH_CHECK(
       tiles.scalar_type() == c10::ScalarType::Long, op, "tiles must be int64 (torch.long), got ", tiles.scalar_type());
   TORCH_CHECK(
@@ -126,11 +95,11 @@ void check_max_backward_args(
     const at::Tensor& indices) {
   const char* op = kMaxBackward;
   const int64_t num_rows = check_features(op, features);
-  check_vector(op, grad_values, "grad_values", c10::ScalarType::Float, "float32", num_rows, "B*P", features);
-  check_vector(op, labels, "labels", c10::ScalarType::Long, "int64 (torch.long)", num_rows, "B*P", features);
+  check_vector(op, grad_values, "grad_values", c10::ScalarType::Float, "float32", num_rows, "B*P", features, "features");
+  check_vector(op, labels, "labels", c10::ScalarType::Long, "int64 (torch.long)", num_rows, "B*P", features, "features");
   check_bank(op, bank, features);
-  check_vector(op, values, "values", c10::ScalarType::Float, "float32", num_rows, "B*P", features);
-  check_vector(op, indices, "indices", c10::ScalarType::Long, "int64 (torch.long)", num_rows, "B*P", features);
+  check_vector(op, values, "values", c10::ScalarType::Float, "float32", num_rows, "B*P", features, "features");
+  check_vector(op, indices, "indices", c10::ScalarType::Long, "int64 (torch.long)", num_rows, "B*P", features, "features");
 }
 
 void check_all_backward_args(
@@ -140,10 +109,10 @@ void check_all_backward_args(
     const at::Tensor& dsum) {
   const char* op = kAllBackward;
   const int64_t num_rows = check_features(op, features);
-  check_vector(op, grad_ssum, "grad_ssum", c10::ScalarType::Float, "float32", num_rows, "B*P", features);
-  check_vector(op, ssum, "ssum", c10::ScalarType::Float, "float32", num_rows, "B*P", features);
+  check_vector(op, grad_ssum, "grad_ssum", c10::ScalarType::Float, "float32", num_rows, "B*P", features, "features");
+  check_vector(op, ssum, "ssum", c10::ScalarType::Float, "float32", num_rows, "B*P", features, "features");
   check_defined(op, dsum, "dsum");
-  check_same_device(op, dsum, "dsum", features);
+  check_same_device(op, dsum, "dsum", features, "features");
   TORCH_CHECK(dsum.scalar_type() == c10::ScalarType::Float, op, "dsum must be float32, got ", dsum.scalar_type());
   TORCH_CHECK(
       dsum.dim() == 2 && dsum.size(0) == num_rows && dsum.size(1) == features.size(2), op, "dsum must have shape (",

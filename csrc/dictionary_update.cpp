@@ -2,6 +2,8 @@
 // Compiled in both the CPU-only and the CUDA build, so the checks are testable without a GPU.
 #include "dictionary_update.h"
 
+#include "checks.h"
+
 #include <climits>
 
 #include <c10/core/ScalarType.h>
@@ -11,34 +13,6 @@ namespace cossim_fast {
 namespace {
 
 constexpr const char* kOp = "cossim_fast::ring_buffer_update: ";
-
-bool is_float_family(c10::ScalarType t) {
-  return t == c10::ScalarType::Float || t == c10::ScalarType::BFloat16 || t == c10::ScalarType::Half;
-}
-
-void check_same_device(const at::Tensor& t, const char* name, const at::Tensor& bank) {
-  TORCH_CHECK(
-      t.device() == bank.device(), kOp, name, " must be on the same device as bank (", bank.device(),
-      "), got ", t.device());
-}
-
-// A 1-D int64/float32 vector of `length` elements, contiguous, on bank's device.
-void check_vector(
-    const at::Tensor& t,
-    const char* name,
-    c10::ScalarType dtype,
-    const char* dtype_name,
-    int64_t length,
-    const char* length_name,
-    const at::Tensor& bank) {
-  check_same_device(t, name, bank);
-  TORCH_CHECK(
-      t.scalar_type() == dtype, kOp, name, " must be ", dtype_name, ", got ", t.scalar_type());
-  TORCH_CHECK(
-      t.dim() == 1 && t.size(0) == length, kOp, name, " must have shape (", length, ",) = (", length_name,
-      ",), got ", t.sizes());
-  TORCH_CHECK(t.is_contiguous(), kOp, name, " must be contiguous, got strides ", t.strides());
-}
 
 }  // namespace
 
@@ -69,12 +43,12 @@ void check_ring_buffer_update_args(
       num_classes <= INT_MAX, kOp, "bank must have at most ", INT_MAX, " classes (K), got ", num_classes);
 
   TORCH_CHECK(counts.defined(), kOp, "counts must be a tensor, got an undefined tensor");
-  check_vector(counts, "counts", c10::ScalarType::Long, "int64 (torch.long)", num_classes, "K", bank);
+  check_vector(kOp, counts, "counts", c10::ScalarType::Long, "int64 (torch.long)", num_classes, "K", bank, "bank");
   TORCH_CHECK(ptr.defined(), kOp, "ptr must be a tensor, got an undefined tensor");
-  check_vector(ptr, "ptr", c10::ScalarType::Long, "int64 (torch.long)", num_classes, "K", bank);
+  check_vector(kOp, ptr, "ptr", c10::ScalarType::Long, "int64 (torch.long)", num_classes, "K", bank, "bank");
 
   TORCH_CHECK(features.defined(), kOp, "features must be a tensor, got an undefined tensor");
-  check_same_device(features, "features", bank);
+  check_same_device(kOp, features, "features", bank, "bank");
   TORCH_CHECK(
       features.dim() == 3, kOp, "features must be 3-D (B, P, C), got ", features.dim(), "-D of shape ",
       features.sizes());
@@ -87,12 +61,12 @@ void check_ring_buffer_update_args(
   const int64_t num_rows = features.size(0) * features.size(1);
 
   TORCH_CHECK(labels.defined(), kOp, "labels must be a tensor, got an undefined tensor");
-  check_vector(labels, "labels", c10::ScalarType::Long, "int64 (torch.long)", num_rows, "B*P", bank);
+  check_vector(kOp, labels, "labels", c10::ScalarType::Long, "int64 (torch.long)", num_rows, "B*P", bank, "bank");
   if (order.has_value() && order->defined()) {
-    check_vector(*order, "order", c10::ScalarType::Long, "int64 (torch.long)", num_rows, "B*P", bank);
+    check_vector(kOp, *order, "order", c10::ScalarType::Long, "int64 (torch.long)", num_rows, "B*P", bank, "bank");
   }
   TORCH_CHECK(denom.defined(), kOp, "denom must be a tensor, got an undefined tensor");
-  check_vector(denom, "denom", c10::ScalarType::Float, "float32", num_rows, "B*P", bank);
+  check_vector(kOp, denom, "denom", c10::ScalarType::Float, "float32", num_rows, "B*P", bank, "bank");
 }
 
 void ring_buffer_update_cpu(
