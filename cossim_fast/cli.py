@@ -87,7 +87,15 @@ def main(argv: list[str] | None = None) -> int:
             from cossim_fast import op_demo as module
         return module.main(argv[1:])
     args = parser.parse_args(argv)
-    return args.run(args)
+    from cossim_fast.data import DatasetError
+    from cossim_fast.training import ConfigError
+
+    try:
+        return args.run(args)
+    except (ConfigError, DatasetError, FileNotFoundError) as error:
+        # Input mistakes get one clear line, not a traceback.
+        print(f"cossim-fast {args.command}: error: {error}", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":

@@ -1,0 +1,31 @@
+"""The command line: train, evaluate, generate-data, and clear errors for bad input."""
+
+from cossim_fast import cli
+from conftest import tiny_overrides
+
+
+def _sets(overrides):
+    return [item for override in overrides for item in ("--set", override)]
+
+
+def test_train_then_evaluate(tiny_data, tmp_path, capsys):
+    overrides = tiny_overrides(tiny_data, tmp_path / "run", "train.iterations=2", "train.eval_every=2")
+    assert cli.main(["train", *_sets(overrides)]) == 0
+    assert cli.main(["evaluate", str(tmp_path / "run" / "checkpoints" / "last.pt")]) == 0
+    assert "mIoU19" in capsys.readouterr().out
+
+
+def test_generate_data(tmp_path, capsys):
+    sets = _sets([f"data.synthetic.root={tmp_path}", "data.synthetic.num_source=2", "data.synthetic.num_target_train=2",
+                  "data.synthetic.num_target_val=2", "data.synthetic.size=[32, 16]"])
+    assert cli.main(["generate-data", *sets]) == 0
+    assert (tmp_path / "gta5" / "images").is_dir() and (tmp_path / "cityscapes" / "gtFine" / "val").is_dir()
+
+
+def test_bad_input_is_one_clear_line(tmp_path, capsys):
+    assert cli.main(["train", "--set", "cosine.wieght=1"]) == 2
+    assert "error: unknown key cosine.wieght" in capsys.readouterr().err
+    assert cli.main(["train", "--config", str(tmp_path / "missing.yaml")]) == 2
+    assert "does not exist" in capsys.readouterr().err
+    assert cli.main(["evaluate", str(tmp_path / "none.pt")]) == 2
+    assert "checkpoint" in capsys.readouterr().err
