@@ -19,7 +19,8 @@ import torch
 import cossim_fast
 from cossim_fast import _extension
 from cossim_fast.backends import cuda as cuda_backend
-from cossim_fast.backends.cuda import CudaBackend, class_tiles
+from cossim_fast.backends.cuda import CudaBackend
+from cossim_fast.backends.schedule import class_tiles
 from cossim_fast.backends.reference import ReferenceBackend, dense_similarity
 
 pytestmark = pytest.mark.skipif(
@@ -95,7 +96,7 @@ def valid_args(name, device="cpu", feature_dtype=torch.float32, bank_dtype=torch
     bank = torch.nn.functional.normalize(torch.randn(num_classes, slots, dim, device=device), dim=2).to(bank_dtype)
     counts = torch.tensor([4, 0, 2], device=device)
     if name in ("cuda_max_forward", "cuda_all_forward"):
-        rows, tiles = class_tiles(labels, num_classes, 4)
+        rows, tiles = _tiles(labels, num_classes, 4)
         args = dict(features=features, labels=labels, bank=bank, counts=counts, rows=rows, tiles=tiles)
         if name == "cuda_all_forward":
             args["threshold"] = 0.1
@@ -262,6 +263,11 @@ def test_fake_kernel_runs_on_meta_tensors(name):
 # The device schedule (pure torch: runs on CPU tensors too)
 
 
+def _tiles(labels, num_classes, block):
+    schedule = class_tiles(labels, num_classes, block)
+    return schedule.rows, schedule.tiles
+
+
 @pytest.mark.parametrize(
     "labels, num_classes, block",
     [
@@ -274,7 +280,7 @@ def test_fake_kernel_runs_on_meta_tensors(name):
 )
 def test_class_tiles_cover_every_classed_row_once(labels, num_classes, block):
     labels = torch.tensor(labels)
-    rows, tiles = class_tiles(labels, num_classes, block)
+    rows, tiles = _tiles(labels, num_classes, block)
     assert rows.dtype == tiles.dtype == torch.int64 and tiles.is_contiguous()
     assert tiles.shape == (-(-labels.numel() // block) + min(num_classes, labels.numel()), 3)
     assert sorted(rows.tolist()) == list(range(labels.numel()))
@@ -291,9 +297,9 @@ def test_class_tiles_cover_every_classed_row_once(labels, num_classes, block):
 
 
 def test_class_tiles_edge_sizes():
-    rows, tiles = class_tiles(torch.zeros(0, dtype=torch.int64), 3, 64)
+    rows, tiles = _tiles(torch.zeros(0, dtype=torch.int64), 3, 64)
     assert rows.numel() == 0 and tiles.shape == (0, 3)
-    rows, tiles = class_tiles(torch.tensor([255, 255]), 0, 64)
+    rows, tiles = _tiles(torch.tensor([255, 255]), 0, 64)
     assert rows.tolist() == [0, 1] and tiles.shape == (0, 3)
 
 

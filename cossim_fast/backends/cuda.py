@@ -22,6 +22,7 @@ from torch import Tensor
 
 from cossim_fast import _extension
 from cossim_fast.backends.base import OPERATIONS, Backend
+from cossim_fast.backends.schedule import class_tiles
 
 #: Operations the CUDA extension implements.
 IMPLEMENTED = ("max_forward", "max_backward", "all_forward", "all_backward", "update")
@@ -63,38 +64,6 @@ def set_fp32_precision(precision: str) -> None:
 
 def fp32_precision() -> str:
     return _fp32_precision
-
-
-def class_tiles(labels: Tensor, num_classes: int, block_m: int) -> tuple[Tensor, Tensor]:
-    """Rows grouped by class and one ``(class, start, end)`` tile per thread block, on the device.
-
-    ``rows``: the row ids sorted by class (stable; rows of no class, such as ``ignore_index``,
-    last). ``tiles``: ``(T, 3)`` int64; tile t owns ``rows[start:end]``, at most ``block_m`` rows
-    of one class; tiles past the schedule have class -1. ``T = ceil(N / block_m) + min(K, N)``
-    bounds the schedule from static sizes (each class wastes less than one tile), so nothing
-    waits for the device.
-    """
-    num_rows = labels.numel()
-    device = labels.device
-    if num_rows == 0 or num_classes == 0:
-        return torch.arange(num_rows, device=device), torch.empty(0, 3, dtype=torch.int64, device=device)
-    key = torch.where((labels >= 0) & (labels < num_classes), labels, num_classes)
-    rows = torch.argsort(key, stable=True)
-    per_class = torch.zeros(num_classes + 1, dtype=torch.int64, device=device)
-    per_class.scatter_add_(0, key, torch.ones_like(key))
-    per_class = per_class[:num_classes]
-    first_row = torch.cumsum(per_class, 0) - per_class  # where each class starts in `rows`
-    tiles_per_class = torch.div(per_class + block_m - 1, block_m, rounding_mode="floor")
-    last_tile = torch.cumsum(tiles_per_class, 0)  # exclusive end of each class's tiles
-    num_tiles = (num_rows + block_m - 1) // block_m + min(num_classes, num_rows)
-    tile = torch.arange(num_tiles, device=device)
-    owner = torch.searchsorted(last_tile, tile, right=True)
-    scheduled = owner < num_classes
-    cls = owner.clamp(max=num_classes - 1)
-    start = first_row[cls] + (tile - (last_tile[cls] - tiles_per_class[cls])) * block_m
-    end = torch.minimum(start + block_m, first_row[cls] + per_class[cls])
-    tiles = torch.stack([torch.where(scheduled, cls, -1), start, end], dim=1).contiguous()
-    return rows, tiles
 
 
 def _tensor_core_reason(op: str, device: torch.device, dtype: torch.dtype) -> str | None:
@@ -156,7 +125,8 @@ class CudaBackend(Backend):
         return []
 
     def _schedule(self, labels: Tensor, bank: Tensor) -> tuple[Tensor, Tensor]:
-        return class_tiles(labels, bank.shape[0], TILE_ROWS)
+        schedule = class_tiles(labels, bank.shape[0], TILE_ROWS)
+        return schedule.rows, schedule.tiles
 
     def max_forward(self, features, labels, bank, counts, ignore_index):
         # ignore_index is never a class (the contract checks it), so "no class" = outside [0, K).

@@ -14,6 +14,7 @@ import torch
 from torch import Tensor
 
 from cossim_fast.backends.rows import chunk_length, gather_rows
+from cossim_fast.backends.schedule import group_by_class
 
 
 def written_rows(counts_per_class: Tensor, first: Tensor, ptr: Tensor, slots: int) -> tuple[Tensor, Tensor]:
@@ -42,17 +43,9 @@ def plan_visits(labels: Tensor, order: Tensor | None, num_classes: int, max_per_
     """Group the visit sequence by class with device ops only (shared by every backend)."""
     num_rows = labels.numel()
     visit = order if order is not None else torch.arange(num_rows, device=labels.device)
-    visited_labels = labels[visit]
-    in_range = (visited_labels >= 0) & (visited_labels < num_classes)
-    key = torch.where(in_range, visited_labels, num_classes)
-    by_class = torch.argsort(key, stable=True)
-    per_class = torch.zeros(num_classes + 1, dtype=torch.int64, device=labels.device)
-    per_class.scatter_add_(0, key, torch.ones_like(key))
-    first = (torch.cumsum(per_class, 0) - per_class)[:num_classes]
-    taken = per_class[:num_classes]
-    if max_per_class >= 0:
-        taken = taken.clamp(max=max_per_class)
-    return VisitPlan(visit[by_class].contiguous(), first.contiguous(), taken.contiguous())
+    groups = group_by_class(labels[visit], num_classes)
+    taken = groups.per_class if max_per_class < 0 else groups.per_class.clamp(max=max_per_class)
+    return VisitPlan(visit[groups.rows].contiguous(), groups.first, taken.contiguous())
 
 
 def advance(counts: Tensor, ptr: Tensor, taken: Tensor, slots: int) -> None:

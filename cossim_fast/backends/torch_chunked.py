@@ -18,6 +18,7 @@ from cossim_fast.backends.base import Backend
 from cossim_fast.backends.reference import EPS, accumulation_dtype
 from cossim_fast.backends.ring_buffer import ring_buffer_update_torch
 from cossim_fast.backends.rows import chunk_length, gather_rows
+from cossim_fast.backends.schedule import group_by_class
 
 
 def class_blocks(labels: Tensor, counts: Tensor, bank: Tensor) -> Iterator[tuple[Tensor, Tensor, int]]:
@@ -27,11 +28,9 @@ def class_blocks(labels: Tensor, counts: Tensor, bank: Tensor) -> Iterator[tuple
     fit the workspace.
     """
     num_classes, _, dim = bank.shape
-    key = torch.where((labels >= 0) & (labels < num_classes), labels, num_classes)
-    by_class = torch.argsort(key, stable=True)
-    per_class = torch.zeros(num_classes + 1, dtype=torch.int64, device=labels.device)
-    per_class.scatter_add_(0, key, torch.ones_like(key))
-    host = torch.cat([per_class[:num_classes], counts]).tolist()  # the one host sync
+    groups = group_by_class(labels, num_classes)
+    by_class = groups.rows
+    host = torch.cat([groups.per_class, counts]).tolist()  # the one host sync
     rows_of, valid_of = host[:num_classes], host[num_classes:]
     slot_chunk = chunk_length(dim * 4 * 4)
     start = 0

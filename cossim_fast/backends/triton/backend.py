@@ -13,13 +13,12 @@ from __future__ import annotations
 
 import contextlib
 import os
-from dataclasses import dataclass
 
 import torch
-import triton  # an ImportError here tells the dispatcher why the backend is missing
 from torch import Tensor
 
 from cossim_fast.backends.base import Backend
+from cossim_fast.backends.schedule import class_tiles
 from cossim_fast.backends.triton import (
     backward,
     max_similarity,
@@ -65,43 +64,6 @@ def dot_precision(features_dtype: torch.dtype, bank_dtype: torch.dtype) -> str |
     if features_dtype == torch.float32 or bank_dtype == torch.float32:
         return _fp32_precision
     return "ieee"
-
-
-@dataclass(frozen=True)
-class ClassTiles:
-    """Rows grouped by class and the per-program schedule over them.
-
-    ``rows``: the row ids sorted by class (stable; rows of no class last). ``tiles``: ``(T, 3)``
-    int64, per program its class (-1 past the schedule) and the range ``[start, end)`` of
-    ``rows`` it owns, at most ``block_m`` long and inside one class.
-    """
-
-    rows: Tensor
-    tiles: Tensor
-
-
-def class_tiles(labels: Tensor, num_classes: int, block_m: int) -> ClassTiles:
-    """The schedule for ``labels``, built with device ops only (no host synchronization)."""
-    num_rows = labels.numel()
-    device = labels.device
-    key = torch.where((labels >= 0) & (labels < num_classes), labels, num_classes)
-    rows = torch.argsort(key, stable=True)
-    per_class = torch.zeros(num_classes + 1, dtype=torch.int64, device=device)
-    per_class.scatter_add_(0, key, torch.ones_like(key))
-    per_class = per_class[:num_classes]
-    class_start = torch.cumsum(per_class, 0) - per_class
-    tiles_of = torch.div(per_class + block_m - 1, block_m, rounding_mode="floor")
-    tiles_end = torch.cumsum(tiles_of, 0)
-    # Each class wastes less than one tile: this bounds the schedule from static sizes.
-    num_programs = triton.cdiv(num_rows, block_m) + min(num_classes, num_rows)
-    program = torch.arange(num_programs, device=device)
-    owner = torch.searchsorted(tiles_end, program, right=True)
-    scheduled = owner < num_classes
-    cls = owner.clamp(max=num_classes - 1)
-    start = class_start[cls] + (program - (tiles_end[cls] - tiles_of[cls])) * block_m
-    end = torch.minimum(start + block_m, class_start[cls] + per_class[cls])
-    tiles = torch.stack([torch.where(scheduled, cls, -1), start, end], dim=1).contiguous()
-    return ClassTiles(rows, tiles)
 
 
 def _on_device(tensor: Tensor) -> contextlib.AbstractContextManager:

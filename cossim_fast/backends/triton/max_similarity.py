@@ -1,6 +1,6 @@
 """Forward "max": per row, the max cosine similarity over its class bucket, and its slot.
 
-One program per (class, row tile) of the schedule (``backend.class_tiles``) streams that class's
+One program per (class, row tile) of the schedule (``cossim_fast.backends.schedule.class_tiles``) streams that class's
 ``counts[k]`` valid slots, ``BLOCK_N`` at a time, and keeps a running max/argmax per row of the
 raw dot products (bank rows are unit-norm); only the winner is scaled by the row's inverse norm,
 so no normalized copy of the features exists. Two regimes, by ``C``:
