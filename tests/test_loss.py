@@ -99,3 +99,13 @@ def test_module_holds_dictionary_and_reports_selection():
     kept = labels != IGNORE
     torch.testing.assert_close(criterion.last_selected_fraction, (values[kept] > 0.2).float().mean())
     torch.testing.assert_close(dictionary.loss(features, labels, 0.2, reduction="class_mean"), expected)
+
+
+def test_module_value_checks_follow_its_setting():
+    dictionary = cossim_fast.FeatureDictionary(3, 4, 5)
+    dictionary.update(*make_rows(12, 5, 3, ignore_share=0.0))
+    features = torch.full((4, 5), float("nan"))
+    labels = torch.zeros(4, dtype=torch.long)
+    with pytest.raises(ValueError, match="NaN or inf"):
+        cossim_fast.CosineSimilarityLoss(0.5, dictionary=dictionary)(features, labels)
+    cossim_fast.CosineSimilarityLoss(0.5, dictionary=dictionary, check_values=False)(features, labels)

@@ -27,6 +27,7 @@ class CosineSimilarityLoss(nn.Module):
         backend: str = "auto",
         ignore_index: int = 255,
         dictionary: nn.Module | None = None,
+        check_values: bool | None = None,
     ) -> None:
         super().__init__()
         self.threshold = inputs.check_threshold(threshold)
@@ -36,6 +37,7 @@ class CosineSimilarityLoss(nn.Module):
         self.backend = backend
         self.ignore_index = ignore_index
         self.dictionary = dictionary
+        self.check_values = check_values  # None: the global setting (set_value_checks)
         self.last_selected_fraction: Tensor | None = None
 
     def extra_repr(self) -> str:
@@ -47,7 +49,7 @@ class CosineSimilarityLoss(nn.Module):
             raise ValueError("dictionary must be given, at construction or in the call (a FeatureDictionary)")
         loss_sum, selected, flat_labels = loss_terms(
             features, labels, dictionary.bank, dictionary.counts, self.threshold,
-            mode=self.mode, ignore_index=self.ignore_index, backend=self.backend,
+            mode=self.mode, ignore_index=self.ignore_index, backend=self.backend, check_values=self.check_values,
         )
         rows_used = (flat_labels != self.ignore_index).sum().clamp(min=1)
         self.last_selected_fraction = ((selected > 0).sum() / rows_used).detach()

@@ -111,6 +111,9 @@ class TrainConfig:
     checkpoint_every: int = 200
     device: str = "auto"  # auto | cpu | cuda
     threads: int | None = None  # torch.set_num_threads on CPU
+    # The operator's NaN/label/count checks read the data (a host sync on GPU): run them on
+    # the first iteration and then every this many.
+    check_values_every: int = 100
 
 
 @dataclass
@@ -222,8 +225,8 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
     for text in overrides or []:
         values = _merge(values, parse_override(text))
     config = _build(Config, values)
-    if config.train.iterations < 1 or config.train.grad_accum < 1:
-        raise ConfigError("train.iterations and train.grad_accum must be >= 1")
+    if min(config.train.iterations, config.train.grad_accum, config.train.check_values_every) < 1:
+        raise ConfigError("train.iterations, train.grad_accum and train.check_values_every must be >= 1")
     return config
 
 

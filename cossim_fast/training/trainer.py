@@ -203,11 +203,13 @@ class Trainer:
         if not needs_target:
             return stats
 
+        check = iteration % config.train.check_values_every == 0
+        self.criterion.check_values = check
         if config.cosine.enabled:
             generator = torch.Generator(device=self.device).manual_seed(config.seed * 7_919 + iteration)
             self.dictionary.update(
                 out.features.detach().float(), downsample_labels(labels, out.features.shape[-2:]),
-                max_per_class=config.cosine.max_per_class, generator=generator,
+                max_per_class=config.cosine.max_per_class, generator=generator, check_values=check,
             )
         target_images = target[0].to(self.device, non_blocking=True)
         with self._autocast():

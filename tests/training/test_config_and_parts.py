@@ -25,7 +25,7 @@ def test_shipped_configs_load(name):
         ("data:\n  source:\n    size: [128, x]\n", r"data.source.size\[1\]: expected int"),
         ("model: resnet\n", "model: expected a mapping"),
         ("- 1\n", "expected a mapping at the top level"),
-        ("train:\n  iterations: 0\n", "train.iterations and train.grad_accum must be >= 1"),
+        ("train:\n  iterations: 0\n", "train.iterations, train.grad_accum and train.check_values_every must be >= 1"),
     ],
 )
 def test_bad_config_files_name_the_key(tmp_path, text, match):
