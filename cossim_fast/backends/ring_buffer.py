@@ -41,11 +41,10 @@ class VisitPlan(NamedTuple):
 
 def plan_visits(labels: Tensor, order: Tensor | None, num_classes: int, max_per_class: int) -> VisitPlan:
     """Group the visit sequence by class with device ops only (shared by every backend)."""
-    num_rows = labels.numel()
-    visit = order if order is not None else torch.arange(num_rows, device=labels.device)
-    groups = group_by_class(labels[visit], num_classes)
+    groups = group_by_class(labels if order is None else labels[order], num_classes)
+    rows = groups.rows if order is None else order[groups.rows]
     taken = groups.per_class if max_per_class < 0 else groups.per_class.clamp(max=max_per_class)
-    return VisitPlan(visit[groups.rows].contiguous(), groups.first, taken.contiguous())
+    return VisitPlan(rows.contiguous(), groups.first, taken.contiguous())
 
 
 def advance(counts: Tensor, ptr: Tensor, taken: Tensor, slots: int) -> None:

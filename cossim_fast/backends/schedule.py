@@ -1,7 +1,8 @@
 """Rows grouped by class on the device: the work decomposition every backend shares.
 
 A stable sort by class keeps each class's rows in their original order (the lowest row first),
-and the per-class counts come from a scatter-add, so nothing here waits for the device.
+and the class boundaries come from a search in the sorted keys, so nothing here waits for the
+device.
 """
 
 from __future__ import annotations
@@ -22,14 +23,26 @@ class ClassGroups:
     first: Tensor
 
 
+def _key_dtype(num_classes: int) -> torch.dtype:
+    """The narrowest integer type holding ``0..K`` (``K`` = no class): 1 byte per row for K < 255."""
+    for dtype in (torch.uint8, torch.int16, torch.int32):
+        if num_classes <= torch.iinfo(dtype).max:
+            return dtype
+    return torch.int64
+
+
 def group_by_class(labels: Tensor, num_classes: int) -> ClassGroups:
-    """Group rows by their label; labels outside ``[0, K)`` belong to no class."""
-    key = torch.where((labels >= 0) & (labels < num_classes), labels, num_classes)
-    rows = torch.argsort(key, stable=True)
-    per_class = torch.zeros(num_classes + 1, dtype=torch.int64, device=labels.device)
-    per_class.scatter_add_(0, key, torch.ones_like(key))
-    per_class = per_class[:num_classes]
-    return ClassGroups(rows, per_class.contiguous(), (torch.cumsum(per_class, 0) - per_class).contiguous())
+    """Group rows by their label; labels outside ``[0, K)`` belong to no class.
+
+    The sort key is one byte per row (for K < 255), which keeps the sort's scratch small and
+    its radix passes few; class boundaries come from a search in the sorted keys.
+    """
+    key = torch.where((labels >= 0) & (labels < num_classes), labels, num_classes).to(_key_dtype(num_classes))
+    sorted_key, rows = torch.sort(key, stable=True)
+    del key
+    classes = torch.arange(num_classes + 1, device=labels.device, dtype=sorted_key.dtype)
+    bounds = torch.searchsorted(sorted_key, classes)
+    return ClassGroups(rows, (bounds[1:] - bounds[:-1]).contiguous(), bounds[:-1].contiguous())
 
 
 @dataclass(frozen=True)
