@@ -2,7 +2,7 @@
 
 Runs on CPU tensors through Triton's interpreter (tests/conftest.py switches it on when there is
 no GPU) and on CUDA tensors when a GPU is present. Shapes are small but cross every tile edge of
-both the interpreter's and the GPU's tile sizes (see ``tile_config``).
+both the interpreter's and the GPU's default tile sizes (``tiles.py``; every candidate: ``test_tiles.py``).
 """
 
 from __future__ import annotations

@@ -9,5 +9,6 @@ from cossim_fast.backends.triton.backend import (
     fp32_precision,
     set_fp32_precision,
 )
+from cossim_fast.backends.triton.tiles import autotune_choices, set_autotune
 
-__all__ = ["TritonBackend", "fp32_precision", "set_fp32_precision"]
+__all__ = ["TritonBackend", "autotune_choices", "fp32_precision", "set_autotune", "set_fp32_precision"]

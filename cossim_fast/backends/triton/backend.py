@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+from collections.abc import Callable
 
 import torch
 from torch import Tensor
@@ -24,6 +25,7 @@ from cossim_fast.backends.triton import (
     max_similarity,
     ring_buffer,
     thresholded_sum,
+    tiles,
 )
 
 #: Whether Triton's interpreter was on when the kernels were decorated (read once, at import).
@@ -66,6 +68,17 @@ def dot_precision(features_dtype: torch.dtype, bank_dtype: torch.dtype) -> str |
     return "ieee"
 
 
+def forward_config(
+    mode: str, features: Tensor, bank: Tensor, precision: str | None, run: Callable[[tiles.TileConfig], None]
+) -> tiles.TileConfig:
+    """Tile sizes of a forward call: the interpreter's, the space's default, or the autotuned one."""
+    dim = bank.shape[2]
+    if INTERPRET:
+        return tiles.interpreter_config(dim)
+    candidates = tiles.space(mode, dim, sixteen_bit=precision is None)
+    return tiles.choose(tiles.shape_class(mode, features, bank, precision), candidates, run)
+
+
 def _on_device(tensor: Tensor) -> contextlib.AbstractContextManager:
     """Triton launches on the current CUDA device: make it the tensors' one."""
     return torch.cuda.device(tensor.device) if tensor.is_cuda else contextlib.nullcontext()
@@ -103,12 +116,15 @@ class TritonBackend(Backend):
         if labels.numel() == 0:
             return values, indices
         precision = dot_precision(features.dtype, bank.dtype)
-        config = max_similarity.tile_config(bank.shape[2], precision, INTERPRET)
-        with _on_device(features):
+
+        def run(config: tiles.TileConfig) -> None:
             schedule = class_tiles(labels, bank.shape[0], config.block_m)
             max_similarity.launch_max_forward(
                 features, bank, counts, schedule.rows, schedule.tiles, values, indices, config, precision
             )
+
+        with _on_device(features):
+            run(forward_config("max", features, bank, precision, run))
         return values, indices
 
     def max_backward(self, grad_values, features, labels, bank, values, indices):
@@ -119,16 +135,20 @@ class TritonBackend(Backend):
         num_rows, dim = labels.numel(), bank.shape[2]
         count = torch.zeros(num_rows, dtype=torch.int64, device=labels.device)
         ssum = torch.zeros(num_rows, dtype=torch.float32, device=labels.device)
-        dsum = torch.zeros(num_rows, dim, dtype=torch.float32, device=labels.device)
+        dsum = torch.empty(num_rows, dim, dtype=torch.float32, device=labels.device)
         if num_rows == 0:
             return count, ssum, dsum
         precision = dot_precision(features.dtype, bank.dtype)
-        config = thresholded_sum.tile_config(dim, precision, INTERPRET)
-        with _on_device(features):
+
+        def run(config: tiles.TileConfig) -> None:
+            dsum.zero_()  # the streamed regime accumulates into it (and autotuning repeats runs)
             schedule = class_tiles(labels, bank.shape[0], config.block_m)
             thresholded_sum.launch_all_forward(
                 features, bank, counts, threshold, schedule.rows, schedule.tiles, count, ssum, dsum, config, precision
             )
+
+        with _on_device(features):
+            run(forward_config("all", features, bank, precision, run))
         return count, ssum, dsum
 
     def all_backward(self, grad_ssum, features, ssum, dsum):

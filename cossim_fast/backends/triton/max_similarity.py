@@ -9,48 +9,19 @@ so no normalized copy of the features exists. Two regimes, by ``C``:
 - otherwise each slot tile is a small GEMM with a loop over ``C`` in ``BLOCK_C`` chunks.
 
 Only tile sizes are compile-time constants: sizes, strides and ``counts`` are runtime values,
-so a new class histogram never recompiles. The helpers here are shared with ``thresholded_sum``.
+so a new class histogram never recompiles. Tile sizes: ``tiles.py``. The helpers here are shared
+with ``thresholded_sum``.
 """
 
 from __future__ import annotations
-
-from dataclasses import dataclass
 
 import triton
 import triton.language as tl
 from torch import Tensor
 
+from cossim_fast.backends.triton.tiles import TileConfig
+
 EPS = tl.constexpr(1e-12)  # as torch.nn.functional.normalize
-
-
-@dataclass(frozen=True)
-class TileConfig:
-    """Tile sizes and launch options of the class-tiled forward kernels."""
-
-    block_m: int
-    block_n: int
-    block_c: int
-    c_resident: bool
-    num_warps: int
-    num_stages: int
-
-
-def tile_config(dim: int, precision: str | None, interpret: bool) -> TileConfig:
-    """A fixed heuristic by ``C`` (an autotuner would time every config on first use)."""
-    padded = max(16, triton.next_power_of_2(dim))
-    if interpret:
-        # Small tiles keep numpy fast and make small test shapes cross every tile edge.
-        return TileConfig(32, 32, min(padded, 64), padded <= 64, 4, 1)
-    # Sizes checked to compile for sm_90 without register spills (fp32 dots run on FMA units).
-    if precision is not None:
-        if padded <= 64:
-            return TileConfig(32, 32, padded, True, 4, 2)
-        return TileConfig(64, 64, 32, False, 8, 3)
-    if padded <= 128:
-        return TileConfig(128, 64, padded, True, 8, 2)
-    if padded <= 256:
-        return TileConfig(64, 64, padded, True, 4, 2)
-    return TileConfig(128, 128, 64, False, 8, 3)
 
 
 @triton.jit

@@ -17,28 +17,13 @@ import triton.language as tl
 from torch import Tensor
 
 from cossim_fast.backends.triton.max_similarity import (
-    TileConfig,
     load_features,
     load_slots,
     row_inverse_norms,
     streamed_dots,
     tile_rows,
 )
-
-
-def tile_config(dim: int, precision: str | None, interpret: bool) -> TileConfig:
-    """A fixed heuristic by ``C``; the resident regime also keeps a fp32 ``dsum`` tile."""
-    padded = max(16, triton.next_power_of_2(dim))
-    if interpret:
-        return TileConfig(32, 32, min(padded, 64), padded <= 64, 4, 1)
-    # Sizes checked to compile for sm_90 without register spills.
-    if precision is not None:
-        if padded <= 64:
-            return TileConfig(32, 32, padded, True, 4, 2)
-        return TileConfig(64, 32, 32, False, 4, 2)
-    if padded <= 128:
-        return TileConfig(64, 64, padded, True, 8, 2)
-    return TileConfig(64, 128, 64, False, 8, 2)
+from cossim_fast.backends.triton.tiles import TileConfig
 
 
 @triton.jit
@@ -123,7 +108,7 @@ def launch_all_forward(
     config: TileConfig,
     precision: str | None,
 ) -> None:
-    """Fill ``count``, ``ssum`` and ``dsum`` (pre-set to zero) for the scheduled rows."""
+    """Fill ``count``, ``ssum`` and ``dsum`` (``dsum`` pre-set to zero) for the scheduled rows."""
     _, points, dim = features.shape
     _thresholded_sum_kernel[(tiles.shape[0],)](
         features, *features.stride(), points, dim,

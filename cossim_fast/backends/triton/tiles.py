@@ -1,0 +1,172 @@
+"""Tile sizes of the class-tiled forward kernels: a small space per regime, and its autotuner.
+
+A regime is (mode, 16-bit or fp32 dots, ``C`` padded to a power of two). Its space is a handful
+of configurations, the first being the default; every one is compiled for sm_90 without
+register spills (``python -m bench.resources``, asserted in ``tests/triton/test_tiles.py``) and
+checked against the reference backend in the interpreter. Within a space ``BLOCK_C`` is fixed,
+so the order in which the dots sum over ``C`` is the same for every candidate.
+
+Autotuning is off by default, so that a run is bitwise reproducible (two configurations may use
+different MMA instruction shapes, whose fp32 sums may differ in the last bits). With
+``COSSIM_FAST_TRITON_AUTOTUNE=1`` (or ``set_autotune(True)``) the first CUDA call of each shape
+class times every candidate with CUDA events on the call's own inputs, which waits for the
+device once, and keeps the fastest for the process; ``autotune_choices()`` reports them.
+"""
+
+from __future__ import annotations
+
+import os
+import statistics
+from collections.abc import Callable, Hashable
+from dataclasses import dataclass
+
+import torch
+import triton
+from triton.runtime.errors import OutOfResources
+
+
+@dataclass(frozen=True)
+class TileConfig:
+    """Tile sizes and launch options of the class-tiled forward kernels."""
+
+    block_m: int
+    block_n: int
+    block_c: int
+    c_resident: bool
+    num_warps: int
+    num_stages: int
+
+    def __str__(self) -> str:
+        regime = "resident" if self.c_resident else "streamed"
+        return (
+            f"{self.block_m}x{self.block_n}x{self.block_c} {regime} "
+            f"warps={self.num_warps} stages={self.num_stages}"
+        )
+
+
+def padded_dim(dim: int) -> int:
+    return max(16, triton.next_power_of_2(dim))
+
+
+def interpreter_config(dim: int) -> TileConfig:
+    """Small tiles keep numpy fast and make small test shapes cross every tile edge."""
+    padded = padded_dim(dim)
+    return TileConfig(32, 32, min(padded, 64), padded <= 64, 4, 1)
+
+
+def space(mode: str, dim: int, sixteen_bit: bool) -> tuple[TileConfig, ...]:
+    """The candidates for ``mode`` ("max" or "all") at this ``C``; the first is the default.
+
+    ``sixteen_bit``: the dots take native bf16/fp16 tiles; otherwise fp32 tiles at an explicit
+    precision (fp32 operands hold twice the registers, so the tiles are smaller).
+    """
+    padded = padded_dim(dim)
+    if mode == "max":
+        if sixteen_bit:
+            if padded <= 128:
+                return _resident(padded, ((128, 64, 8, 2), (64, 64, 4, 2), (64, 128, 8, 2)))
+            if padded <= 256:
+                return _resident(padded, ((64, 64, 4, 2), (64, 64, 8, 2), (128, 64, 8, 2), (64, 128, 8, 2)))
+            return _streamed(64, ((128, 128, 8, 3), (128, 64, 8, 3), (64, 64, 4, 3), (128, 128, 8, 4)))
+        if padded <= 64:
+            return _resident(padded, ((32, 32, 4, 2), (64, 32, 4, 2)))
+        return _streamed(32, ((64, 64, 8, 3), (128, 64, 8, 3), (64, 32, 4, 3)))
+    if mode == "all":
+        if sixteen_bit:
+            if padded <= 128:
+                return _resident(padded, ((64, 64, 8, 2), (64, 32, 4, 2)))
+            return _streamed(64, ((64, 128, 8, 2), (128, 64, 8, 2), (64, 64, 4, 2), (128, 128, 8, 3)))
+        if padded <= 64:
+            return _resident(padded, ((32, 32, 4, 2),))
+        return _streamed(32, ((64, 32, 4, 2), (64, 64, 8, 2), (32, 32, 4, 2)))
+    raise ValueError(f"mode must be 'max' or 'all', got {mode!r}")
+
+
+def _resident(padded: int, shapes) -> tuple[TileConfig, ...]:
+    return tuple(TileConfig(m, n, padded, True, warps, stages) for m, n, warps, stages in shapes)
+
+
+def _streamed(block_c: int, shapes) -> tuple[TileConfig, ...]:
+    return tuple(TileConfig(m, n, block_c, False, warps, stages) for m, n, warps, stages in shapes)
+
+
+def _env_flag(name: str) -> bool:
+    value = os.environ.get(name, "0").strip().lower()
+    if value not in ("0", "1", "", "false", "true", "off", "on"):
+        raise ValueError(f"{name} must be 0 or 1, got {value!r}")
+    return value in ("1", "true", "on")
+
+
+_autotune = _env_flag("COSSIM_FAST_TRITON_AUTOTUNE")
+_choices: dict[Hashable, TileConfig] = {}
+
+
+def set_autotune(enabled: bool) -> None:
+    """Time the tile space on the first CUDA call of each shape class (default: off)."""
+    global _autotune
+    _autotune = bool(enabled)
+
+
+def autotune_enabled() -> bool:
+    return _autotune
+
+
+def autotune_choices() -> dict[Hashable, TileConfig]:
+    """The configuration chosen per shape class so far (a copy)."""
+    return dict(_choices)
+
+
+def clear_autotune_choices() -> None:
+    _choices.clear()
+
+
+def shape_class(mode: str, features: torch.Tensor, bank: torch.Tensor, precision: str | None) -> tuple:
+    """Shape class of a call: the tuning key (sizes to the next power of two, so N may vary)."""
+    num_classes, slots, dim = bank.shape
+    rows = features.shape[0] * features.shape[1]
+    return (
+        mode, str(features.device), features.dtype, bank.dtype, precision, dim, num_classes,
+        triton.next_power_of_2(max(slots, 1)), triton.next_power_of_2(max(rows, 1)),
+    )
+
+
+def choose(
+    key: Hashable,
+    candidates: tuple[TileConfig, ...],
+    run: Callable[[TileConfig], None],
+    repeats: int = 3,
+    timer: Callable[[Callable[[], None], int], float] | None = None,
+) -> TileConfig:
+    """The candidate to launch: the default, or with autotuning the fastest ``run`` measured.
+
+    ``run(config)`` must be safe to repeat (the kernels overwrite their outputs). ``timer(fn,
+    repeats)`` returns seconds for one call; the default uses CUDA events on the current stream.
+    """
+    if not _autotune or len(candidates) == 1:
+        return candidates[0]
+    if key in _choices:
+        return _choices[key]
+    timer = timer or _cuda_event_time
+    timings = []
+    for index, config in enumerate(candidates):
+        try:
+            timings.append((timer(lambda config=config: run(config), repeats), index))
+        except OutOfResources:  # e.g. more shared memory than this GPU has: not a candidate here
+            if index == 0:
+                raise
+    best = candidates[min(timings)[1]]
+    _choices[key] = best
+    return best
+
+
+def _cuda_event_time(fn: Callable[[], None], repeats: int) -> float:
+    fn()  # compile and warm up outside the timing
+    samples = []
+    for _ in range(repeats):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        fn()
+        end.record()
+        end.synchronize()
+        samples.append(start.elapsed_time(end) / 1000.0)
+    return statistics.median(samples)
