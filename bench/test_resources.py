@@ -1,0 +1,86 @@
+"""Every kernel compiles for the GPUs we build for without register spills or too much shared memory.
+
+The Triton tile space and the CUDA kernels are compiled here, with no GPU (``bench/resources.py``);
+a tile or kernel change that starts to spill fails this test, not a benchmark on a GPU later.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from bench import resources
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+PTXAS_OUTPUT = """\
+ptxas info    : Compiling entry function '_Z6kernelPf' for 'sm_90'
+ptxas info    : Function properties for _Z6kernelPf
+    16 bytes stack frame, 8 bytes spill stores, 12 bytes spill loads
+ptxas info    : Used 128 registers, used 1 barriers, 29696 bytes smem, 400 bytes cmem[0]
+ptxas info    : Function properties for _Z5otherv
+    0 bytes stack frame, 0 bytes spill stores, 0 bytes spill loads
+ptxas info    : Used 40 registers, used 0 barriers, 360 bytes cmem[0]
+"""
+
+
+def test_parse_ptxas():
+    parsed = resources.parse_ptxas(PTXAS_OUTPUT)
+    assert parsed["_Z6kernelPf"] == {"stack": 16, "spill_stores": 8, "spill_loads": 12, "registers": 128, "shared": 29696}
+    assert parsed["_Z5otherv"] == {"stack": 0, "spill_stores": 0, "spill_loads": 0, "registers": 40, "shared": 0}
+
+
+def test_demangled_kernel_names():
+    name = ("void cossim_fast::(anonymous namespace)::class_forward_kernel<(cossim_fast::(anonymous namespace)::Mode)1, "
+            "(cossim_fast::(anonymous namespace)::Path)0, c10::BFloat16, float>(cossim_fast::(anonymous namespace)::"
+            "ForwardParams<c10::BFloat16, float>)")
+    assert resources._kernel_and_variant(name) == ("class_forward_kernel", "all, wmma-16bit, bf16, fp32")
+
+
+def test_problems_name_spills_and_shared_memory():
+    row = resources.Resources("triton", "k", "v", 80, 255, 8, 8, 200 * 1024, 16)
+    found = resources.problems([row])
+    assert "spills 8/8" in found[0] and "over the" in found[1]
+
+
+def _run(*args: str) -> list[dict]:
+    env = {key: value for key, value in os.environ.items() if key != "TRITON_INTERPRET"}
+    out = os.path.join(ROOT, "bench", ".resources-test.json")
+    try:
+        done = subprocess.run(
+            [sys.executable, "-m", "bench.resources", *args, "--json", out], cwd=ROOT, env=env,
+            capture_output=True, text=True, timeout=900,
+        )
+        assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+        with open(out) as handle:
+            return json.load(handle)
+    finally:
+        if os.path.exists(out):
+            os.remove(out)
+
+
+def test_triton_tile_space_compiles_for_sm90_without_spills():
+    pytest.importorskip("triton")
+    from cossim_fast.backends.triton import tiles
+
+    rows = _run("--only", "triton", "--arch", "90")
+    compiled = {row["variant"] for row in rows if row["kernel"] == "_max_forward_kernel"}
+    for config in tiles.space("max", 2048, True) + tiles.space("max", 256, True):
+        assert any(str(config) in variant for variant in compiled), config
+    assert {row["kernel"] for row in rows} == {
+        "_max_forward_kernel", "_thresholded_sum_kernel", "_row_gradient_kernel", "_ring_buffer_kernel",
+    }
+
+
+@pytest.mark.skipif(torch.version.cuda is None or shutil.which("nvcc") is None and not os.environ.get("CUDA_HOME"),
+                    reason="needs a CUDA build of torch and nvcc")
+def test_cuda_kernels_compile_for_sm80_and_sm90_without_spills():
+    for arch in ("80", "90"):
+        rows = _run("--only", "cuda", "--arch", arch, *(("--allow-spills", "ring_buffer_update_kernel:16") if arch == "80" else ()))
+        assert {"class_forward_kernel", "row_gradient_kernel", "ring_buffer_update_kernel"} <= {row["kernel"] for row in rows}
