@@ -29,6 +29,17 @@ def test_forward_and_loss_on_cuda_match_reference(backend, dtype):
 
 
 @pytest.mark.parametrize("backend", CUDA_BACKENDS)
+def test_strided_labels_on_cuda(backend):
+    bank, counts = make_bank(3, 11, 9, counts=[11, 0, 6], device="cuda")
+    features, labels = make_rows(45, 9, 3, device="cuda")
+    strided = torch.stack([labels, torch.zeros_like(labels)], dim=1)[:, 0]
+    for mode in ("max", "all"):
+        loss = cossim_fast.cosine_similarity_loss(features, strided, bank, counts, 0.05, mode=mode, backend=backend)
+        ref = cossim_fast.cosine_similarity_loss(features, labels, bank, counts, 0.05, mode=mode, backend="reference")
+        torch.testing.assert_close(loss, ref, atol=1e-4, rtol=0)
+
+
+@pytest.mark.parametrize("backend", CUDA_BACKENDS)
 def test_update_has_no_host_sync_and_matches_cpu(backend):
     cpu = cossim_fast.FeatureDictionary(5, 9, 33)
     gpu = cossim_fast.FeatureDictionary(5, 9, 33, device="cuda")

@@ -133,3 +133,18 @@ def test_gradients_match_reference(backend, dtype):
     grad = gradient(backend)
     assert grad.dtype == dtype
     torch.testing.assert_close(grad.float(), gradient("reference").float(), atol=GRAD_TOL[dtype], rtol=GRAD_TOL[dtype])
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_strided_labels(backend):
+    # One column of an (N, 2) label table: a strided 1-D view, as slicing gives it.
+    features, labels = make_rows(45, 9, 3)
+    bank, counts = make_bank(3, 11, 9, counts=[11, 0, 6])
+    strided = torch.stack([labels, torch.zeros_like(labels)], dim=1)[:, 0]
+    assert not strided.is_contiguous()
+    values, indices = cossim_fast.max_cosine_similarity(features, strided, bank, counts, backend=backend)
+    ref_values, ref_indices = _reference(features, labels, bank, counts)
+    assert_same_max(features, labels, bank, counts, values, indices, ref_values, ref_indices, torch.float32)
+    loss = cossim_fast.cosine_similarity_loss(features, strided, bank, counts, 0.05, mode="all", backend=backend)
+    ref = cossim_fast.cosine_similarity_loss(features, labels, bank, counts, 0.05, mode="all", backend="reference")
+    torch.testing.assert_close(loss, ref, atol=1e-5, rtol=0)

@@ -564,7 +564,8 @@ __global__ void __launch_bounds__(kThreads, 2) class_forward_kernel(const Forwar
 
     if constexpr (MODE == Mode::kMax) {
       if (q == 0 && my_row >= 0) {
-        p.values[my_row] = best * inv_norm;  // -inf stays -inf for an empty bucket
+        // No winner (empty bucket): -inf, even where inv_norm is 0 (a norm overflowing fp32).
+        p.values[my_row] = best_slot >= 0 ? best * inv_norm : -std::numeric_limits<float>::infinity();
         p.indices[my_row] = best_slot;
       }
     } else {
