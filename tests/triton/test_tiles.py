@@ -147,3 +147,19 @@ def test_autotuned_forward_on_cuda_matches_reference(dtype):
     assert len(tiles.autotune_choices()) == 2
     assert (count != ref_count).float().mean() < 1e-3
     torch.testing.assert_close(dsum[count == ref_count], ref_dsum[count == ref_count], atol=TOLERANCES[dtype]["dsum"], rtol=0)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_no_tuning_inside_a_cuda_graph_capture():
+    tiles.set_autotune(True)
+    features, labels, bank, counts = make_case(3, 70, 64, [70, 5, 0], 300, dtype=torch.float16, device="cuda")
+    TRITON.max_forward(features, labels, bank, counts, IGNORE)  # compile outside the capture
+    tiles.clear_autotune_choices()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        values, _ = TRITON.max_forward(features, labels, bank, counts, IGNORE)
+    assert tiles.autotune_choices() == {}  # the default ran; nothing was timed
+    graph.replay()
+    torch.cuda.synchronize()
+    assert not torch.isnan(values).any()

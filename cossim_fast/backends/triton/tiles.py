@@ -146,6 +146,8 @@ def choose(
         return candidates[0]
     if key in _choices:
         return _choices[key]
+    if timer is None and torch.cuda.is_available() and torch.cuda.is_current_stream_capturing():
+        return candidates[0]  # no timing inside a CUDA graph capture; tune on a later eager call
     timer = timer or _cuda_event_time
     timings = []
     for index, config in enumerate(candidates):
