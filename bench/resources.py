@@ -107,9 +107,11 @@ def _kernel_and_variant(demangled: str) -> tuple[str, str]:
 
 def cuda_resources(arch: int) -> list[Resources]:
     """Compile ``csrc/cuda/*.cu`` for ``sm_<arch>`` with ``--resource-usage``."""
+    home = os.environ.get("CUDA_HOME") or "/usr/local/cuda"
+    if os.path.isfile(os.path.join(home, "bin", "nvcc")):
+        os.environ["CUDA_HOME"] = home  # before torch guesses it (and warns) at import
     import torch.utils.cpp_extension as cpp_extension
 
-    home = os.environ.get("CUDA_HOME") or "/usr/local/cuda"
     if not os.path.isfile(os.path.join(home, "bin", "nvcc")):
         home = cpp_extension.CUDA_HOME or home
     nvcc = os.path.join(home, "bin", "nvcc")
