@@ -1,14 +1,18 @@
 #!/usr/bin/env bash
-# One-shot GPU check: build, GPU tests, a reduced benchmark grid and the memory frontier.
+# One-shot GPU check: build, GPU tests, compute-sanitizer, kernel resources, the benchmark grid
+# of the fused backends' targets, the memory frontier, and a summary.
 #
 #   bash bench/gpu_check.sh OUTDIR
 #
-# For a machine with one CUDA GPU and no network (written for one H100, torch 2.11, triton 3.6,
-# Python 3.12). Every step has its own time limit (`timeout`) inside an 8-minute total; a step
-# that fails or times out is logged and the script goes on to the next one and the summary.
-# Writes under OUTDIR: env.log, build.log, gpu_tests.log (+ .xml), bench.log + bench.json,
-# frontier.log + frontier.json, report/ (report.md, PNGs if matplotlib is there), summary.txt.
-# The benchmark runner rewrites bench.json after every case, so a cut-short run keeps its results.
+# For a machine with one CUDA GPU and no network (written for one H100 or H200, torch 2.11,
+# triton 3.6, Python 3.12). Every step has its own time limit (`timeout`) inside a total of
+# GPU_CHECK_TOTAL_S (default 560 s, for a 600-second call); a step that fails or times out is
+# logged and the script goes on to the next one and the summary.
+# Writes under OUTDIR: env.log, build.log, gpu_tests.log (+ .xml), sanitizer.log, resources.log
+# (+ .json), bench.log + bench.json, targets.log (+ .json), frontier.log + frontier.json,
+# report/ (report.md, PNGs if matplotlib is there), summary.txt. The benchmark runner rewrites
+# bench.json after every case, so a cut-short run keeps its results. The device tool returns at
+# most 8 files: pack OUTDIR into one archive (see bench/README.md).
 set -u
 
 if [ $# -lt 1 ]; then
@@ -25,7 +29,7 @@ PY=${PYTHON:-python}
 export PYTHONPATH="$ROOT${PYTHONPATH:+:$PYTHONPATH}"
 export PYTHONUNBUFFERED=1
 
-TOTAL=${GPU_CHECK_TOTAL_S:-470}   # all steps together, seconds (8 minutes minus a margin)
+TOTAL=${GPU_CHECK_TOTAL_S:-560}   # all steps together, seconds (a 600-second call minus a margin)
 START=$(date +%s)
 SUMMARY="$OUT/summary.txt"
 : > "$SUMMARY"
@@ -57,18 +61,28 @@ step() {
     tail -n 3 "$OUT/$name.log" | sed 's/^/   | /'
 }
 
-step env 20 bash -c "nvidia-smi; $PY -m bench.harness"
+step env 15 bash -c "nvidia-smi; $PY -m bench.harness; compute-sanitizer --version | tail -n 1; cuobjdump --version | tail -n 1"
 # On the project's GPU machine the default /opt/gcc g++ 13.3 builds an extension that
 # segfaults when a TORCH_CHECK fails; gcc-12 builds a working one.
 if command -v g++-12 >/dev/null 2>&1; then export CC=gcc-12 CXX=g++-12; fi
-step build 140 $PY -m pip install -e . --no-build-isolation --no-deps
-step gpu_tests 90 $PY -m pytest tests -m gpu -q -p no:cacheprovider --junitxml="$OUT/gpu_tests.xml"
-# The reduced grid: N = 16384, 131072; M = 4096, 256; C = 256; bf16 then fp32; the operations
-# that carry the comparison (the loss forward for the cuBLAS line, forward+backward of both
-# modes, the update). The backward-only cases are in the full grid.
-step bench 120 $PY -m bench.run --grid gpu --device cuda --ops max-fwd,max-fwd_bwd,all-fwd_bwd,update --rounds 5 --warmup 2 --time-budget 95 --json "$OUT/bench.json"
-step frontier 65 $PY -m bench.frontier --device cuda --budget-mib 1024 --M 1024,4096,16384 --dtype bf16 --tol 0.1 --time-budget 50 --json "$OUT/frontier.json"
-step report 20 $PY -m bench.report "$OUT/bench.json" --out "$OUT/report" --print --print-ops max-fwd,max-fwd_bwd,all-fwd_bwd,update
+# Build for this GPU only (half the nvcc time of the default sm_80 + sm_90).
+ARCH=$($PY -c "import torch; print('%d.%d' % torch.cuda.get_device_capability())" 2>/dev/null || echo 9.0)
+export TORCH_CUDA_ARCH_LIST=${TORCH_CUDA_ARCH_LIST:-$ARCH} MAX_JOBS=${MAX_JOBS:-16}
+step build 120 $PY -m pip install -e . --no-build-isolation --no-deps
+# Every test file with CUDA cases (the Triton tests run on CUDA tensors without a marker).
+step gpu_tests 130 $PY -m pytest -q -p no:cacheprovider --junitxml="$OUT/gpu_tests.xml" \
+    tests/test_cuda_backend.py tests/test_gpu.py tests/test_extension.py tests/triton tests/test_dispatch.py tests/test_errors.py
+# memcheck over the CUDA kernels' edge cases (tile tails, M below a tile, ties, empty inputs),
+# without PyTorch's caching allocator so that out-of-bounds accesses hit unallocated memory.
+step sanitizer 75 env PYTORCH_NO_CUDA_MEMORY_CACHING=1 compute-sanitizer --tool memcheck --error-exitcode 9 \
+    $PY -m pytest -q -p no:cacheprovider tests/test_cuda_backend.py -m gpu -k "m_below_tile or ties or empty_inputs"
+# Triton kernels as this triton compiles them (the CUDA kernels: same nvcc as at home, README).
+step resources 30 $PY -m bench.resources --only triton --arch "${ARCH/./}" --json "$OUT/resources.json"
+# bf16 before fp32 and C = 256 before 2048: a cut-short run keeps the most important cases.
+step bench 130 $PY -m bench.run --grid gpu --device cuda --ops max-fwd,max-bwd,max-fwd_bwd,all-fwd_bwd,update --rounds 5 --warmup 2 --time-budget 110 --json "$OUT/bench.json"
+step targets 10 $PY -m bench.targets "$OUT/bench.json" --json "$OUT/targets.json"
+step frontier 35 $PY -m bench.frontier --device cuda --budget-mib 1024 --M 1024,4096,16384 --dtype bf16 --tol 0.1 --time-budget 25 --json "$OUT/frontier.json"
+step report 15 $PY -m bench.report "$OUT/bench.json" --out "$OUT/report" --print --print-ops max-fwd,max-fwd_bwd,all-fwd_bwd,update
 
 {
     echo
@@ -81,6 +95,14 @@ rm -f "$OUT/summary.head"
     if [ -f "$OUT/gpu_tests.log" ]; then
         echo
         echo "gpu tests: $(grep -E '(passed|failed|error)' "$OUT/gpu_tests.log" | tail -n 1)"
+    fi
+    if [ -f "$OUT/sanitizer.log" ]; then
+        echo
+        echo "compute-sanitizer: $(grep -E 'ERROR SUMMARY|passed|failed|not supported' "$OUT/sanitizer.log" | tail -n 2 | tr '\n' ' ')"
+    fi
+    if [ -f "$OUT/targets.log" ]; then
+        echo
+        cat "$OUT/targets.log"
     fi
     if [ -f "$OUT/frontier.log" ]; then
         echo

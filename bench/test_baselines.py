@@ -134,3 +134,28 @@ def test_report_reads_runner_output(tmp_path):
     assert report.main([str(path), "--out", str(tmp_path / "out"), "--no-plots"]) == 0
     text = (tmp_path / "out" / "report.md").read_text()
     assert "| max-fwd | 64 | 8 | 16 | fp32 | torch |" in text and "1.00x" in text
+
+
+def test_targets_and_auto_rule():
+    from bench import targets
+
+    def row(op, impl, ms, dim=256, peak=None):
+        return {"op": op, "impl": impl, "N": 131072, "M": 4096, "C": dim, "dtype": "bf16", "median_ms": ms, "peak_mib": peak}
+
+    rows = [
+        row("max-fwd_bwd", "per_class", 30.0), row("max-fwd_bwd", "triton", 6.0), row("max-fwd_bwd", "cuda", 12.0),
+        row("max-fwd", "class_gemm", 1.0), row("max-fwd", "triton", 2.0, peak=3.0), row("max-fwd", "cuda", 1.25),
+        row("max-fwd_bwd", "per_class", 30.0, dim=2048), row("max-fwd_bwd", "triton", 25.0, dim=2048),
+    ]
+    checks = {(c["backend"], c["target"], c["C"]): c for c in targets.evaluate(rows)}
+    speed = checks[("triton", "fwd+bwd vs per-class", 256)]
+    assert speed["value"] == 5.0 and speed["met"]
+    assert not checks[("cuda", "fwd+bwd vs per-class", 256)]["met"]  # 2.5x < 3x
+    assert not checks[("triton", "fwd+bwd vs per-class", 2048)]["met"]  # 1.2x < 1.5x
+    assert checks[("cuda", "forward vs cuBLAS class GEMMs", 256)]["value"] == 0.8
+    assert not checks[("triton", "forward vs cuBLAS class GEMMs", 256)]["met"]  # 0.5 < 0.6
+    memory = checks[("triton", "extra memory per row", 256)]
+    assert memory["value"] == 3.0 * 2**20 / 131072 - 12 and memory["met"]  # 12 B/row
+    rule = {(r["op"], r["C"]): r["faster"] for r in targets.auto_rule(rows)}
+    assert rule == {("max-fwd_bwd", 256): "triton", ("max-fwd", 256): "cuda"}
+    assert "| triton | fwd+bwd vs per-class |" in targets.markdown(targets.evaluate(rows), targets.auto_rule(rows))
