@@ -144,3 +144,13 @@ def test_static_shape_and_compact_writes_agree_bitwise(dtype):
     ring_buffer._write_every_slot(static, ptr, features.unsqueeze(0), denom, plan)
     ring_buffer._write_surviving_rows(compact, ptr, features.unsqueeze(0), denom, plan)
     assert torch.equal(static, compact) and not torch.equal(static, bank)
+
+
+@pytest.mark.parametrize("backend", ["torch", *fused_backends()])
+def test_update_with_strided_labels(backend):
+    features, labels = make_rows(40, 8, 3)
+    strided = torch.stack([labels, torch.zeros_like(labels)], dim=1)[:, 0]
+    plain, viewed = cossim_fast.FeatureDictionary(3, 5, 8), cossim_fast.FeatureDictionary(3, 5, 8)
+    plain.update(features, labels, backend=backend)
+    viewed.update(features, strided, backend=backend)
+    assert torch.equal(plain.bank, viewed.bank) and torch.equal(plain.counts, viewed.counts)

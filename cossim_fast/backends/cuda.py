@@ -130,10 +130,9 @@ class CudaBackend(Backend):
 
     def max_forward(self, features, labels, bank, counts, ignore_index):
         # ignore_index is never a class (the contract checks it), so "no class" = outside [0, K).
-        # Labels may be a strided view (e.g. one column of a label map): the kernels index them flat.
         rows, tiles = self._schedule(labels, bank)
         return torch.ops.cossim_fast.cuda_max_forward(
-            features, labels.contiguous(), bank, counts.contiguous(), rows, tiles, _fp32_precision
+            features, labels, bank, counts.contiguous(), rows, tiles, _fp32_precision
         )
 
     def max_backward(self, grad_values, features, labels, bank, values, indices):
@@ -149,7 +148,7 @@ class CudaBackend(Backend):
     def all_forward(self, features, labels, bank, counts, threshold, ignore_index):
         rows, tiles = self._schedule(labels, bank)
         return torch.ops.cossim_fast.cuda_all_forward(
-            features, labels.contiguous(), bank, counts.contiguous(), rows, tiles, float(threshold), _fp32_precision
+            features, labels, bank, counts.contiguous(), rows, tiles, float(threshold), _fp32_precision
         )
 
     def all_backward(self, grad_ssum, features, ssum, dsum):

@@ -24,7 +24,7 @@ class ClassGroups:
 
 
 def _key_dtype(num_classes: int) -> torch.dtype:
-    """The narrowest integer type holding ``0..K`` (``K`` = no class): 1 byte per row for K < 255."""
+    """The narrowest integer type holding ``0..K`` (``K`` = no class): 1 byte per row for K <= 255."""
     for dtype in (torch.uint8, torch.int16, torch.int32):
         if num_classes <= torch.iinfo(dtype).max:
             return dtype
@@ -34,10 +34,12 @@ def _key_dtype(num_classes: int) -> torch.dtype:
 def group_by_class(labels: Tensor, num_classes: int) -> ClassGroups:
     """Group rows by their label; labels outside ``[0, K)`` belong to no class.
 
-    The sort key is one byte per row (for K < 255), which keeps the sort's scratch small and
+    The sort key is one byte per row (for K <= 255), which keeps the sort's scratch small and
     its radix passes few; class boundaries come from a search in the sorted keys.
     """
-    key = torch.where((labels >= 0) & (labels < num_classes), labels, num_classes).to(_key_dtype(num_classes))
+    dtype = _key_dtype(num_classes)
+    # The cast wraps labels outside the key's range, but exactly those are replaced by K.
+    key = torch.where((labels >= 0) & (labels < num_classes), labels.to(dtype), num_classes)
     sorted_key, rows = torch.sort(key, stable=True)
     del key
     classes = torch.arange(num_classes + 1, device=labels.device, dtype=sorted_key.dtype)

@@ -88,7 +88,8 @@ def rows_of(features: object, labels: object, dim: int, ignore_index: object) ->
         raise ValueError(f"features must be N x C or B x C x H x W, got {features.dim()} dims with shape {tuple(features.shape)}")
     if channels != dim:
         raise ValueError(f"features have C = {channels} channels but the dictionary stores C = {dim}")
-    return Rows(canonical, labels.reshape(-1).to(torch.int64), row_shape)
+    # Flat int64 labels, contiguous (a no-op when they already are): every kernel indexes them flat.
+    return Rows(canonical, labels.reshape(-1).to(torch.int64).contiguous(), row_shape)
 
 
 def bank_dim(bank: object) -> int:

@@ -122,7 +122,8 @@ def _max_forward_kernel(
         better = tile_best > best  # strict: on a tie the earlier tile (lower slot) stays
         best = tl.where(better, tile_best, best)
         best_slot = tl.where(better, first + tile_slot, best_slot)
-    tl.store(values_ptr + rows, best * inv_norm, mask=row_mask)
+    # No winner (empty bucket): -inf, even where inv_norm is 0 (a norm overflowing fp32).
+    tl.store(values_ptr + rows, tl.where(best_slot >= 0, best * inv_norm, float("-inf")), mask=row_mask)
     tl.store(indices_ptr + rows, best_slot, mask=row_mask)
 
 
