@@ -19,7 +19,7 @@ import torch
 from torch import Tensor
 
 from cossim_fast.backends.base import Backend
-from cossim_fast.backends.schedule import class_tiles
+from cossim_fast.backends.schedule import ClassTiles, class_tiles
 from cossim_fast.backends.triton import (
     backward,
     max_similarity,
@@ -79,6 +79,18 @@ def forward_config(
     return tiles.choose(tiles.shape_class(mode, features, bank, precision), candidates, run)
 
 
+def _schedules(labels: Tensor, num_classes: int) -> Callable[[int], ClassTiles]:
+    """The schedule for a row tile, built once per tile size (autotuning times launches only)."""
+    built: dict[int, ClassTiles] = {}
+
+    def schedule_for(block_m: int) -> ClassTiles:
+        if block_m not in built:
+            built[block_m] = class_tiles(labels, num_classes, block_m)
+        return built[block_m]
+
+    return schedule_for
+
+
 def _on_device(tensor: Tensor) -> contextlib.AbstractContextManager:
     """Triton launches on the current CUDA device: make it the tensors' one."""
     return torch.cuda.device(tensor.device) if tensor.is_cuda else contextlib.nullcontext()
@@ -116,9 +128,10 @@ class TritonBackend(Backend):
         if labels.numel() == 0:
             return values, indices
         precision = dot_precision(features.dtype, bank.dtype)
+        schedule_for = _schedules(labels, bank.shape[0])
 
         def run(config: tiles.TileConfig) -> None:
-            schedule = class_tiles(labels, bank.shape[0], config.block_m)
+            schedule = schedule_for(config.block_m)
             max_similarity.launch_max_forward(
                 features, bank, counts, schedule.rows, schedule.tiles, values, indices, config, precision
             )
@@ -139,10 +152,11 @@ class TritonBackend(Backend):
         if num_rows == 0:
             return count, ssum, dsum
         precision = dot_precision(features.dtype, bank.dtype)
+        schedule_for = _schedules(labels, bank.shape[0])
 
         def run(config: tiles.TileConfig) -> None:
             dsum.zero_()  # the streamed regime accumulates into it (and autotuning repeats runs)
-            schedule = class_tiles(labels, bank.shape[0], config.block_m)
+            schedule = schedule_for(config.block_m)
             thresholded_sum.launch_all_forward(
                 features, bank, counts, threshold, schedule.rows, schedule.tiles, count, ssum, dsum, config, precision
             )

@@ -1,16 +1,18 @@
 """Tile sizes of the class-tiled forward kernels: a small space per regime, and its autotuner.
 
 A regime is (mode, 16-bit or fp32 dots, ``C`` padded to a power of two). Its space is a handful
-of configurations, the first being the default; every one is compiled for sm_90 without
-register spills (``python -m bench.resources``, asserted in ``tests/triton/test_tiles.py``) and
-checked against the reference backend in the interpreter. Within a space ``BLOCK_C`` is fixed,
-so the order in which the dots sum over ``C`` is the same for every candidate.
+of configurations, the first being the default; every one compiles for sm_90 without register
+spills (``python -m bench.resources``, asserted in ``bench/test_resources.py``) and matches the
+reference backend (``tests/triton/test_tiles.py``; the interpreter ignores warps and stages, so
+only a GPU tells candidates that differ in those alone apart). Within a space ``BLOCK_C`` is
+fixed, so the dots sum over ``C`` in the same chunks for every candidate; the MMA instruction
+shape may still differ between candidates, and with it the last bits of the fp32 sums.
 
-Autotuning is off by default, so that a run is bitwise reproducible (two configurations may use
-different MMA instruction shapes, whose fp32 sums may differ in the last bits). With
+Autotuning is therefore off by default, so that a run is bitwise reproducible. With
 ``COSSIM_FAST_TRITON_AUTOTUNE=1`` (or ``set_autotune(True)``) the first CUDA call of each shape
-class times every candidate with CUDA events on the call's own inputs, which waits for the
-device once, and keeps the fastest for the process; ``autotune_choices()`` reports them.
+class times every candidate with CUDA events on the call's own inputs (waiting for the device a
+few times, on that call only) and keeps the fastest for the process; ``autotune_choices()``
+reports them. A candidate this GPU or compiler cannot build or launch is skipped.
 """
 
 from __future__ import annotations
@@ -22,7 +24,11 @@ from dataclasses import dataclass
 
 import torch
 import triton
-from triton.runtime.errors import OutOfResources
+from triton.compiler.errors import CompileTimeAssertionFailure
+from triton.runtime.errors import OutOfResources, PTXASError
+
+#: What a candidate may raise on a GPU or compiler it does not fit (as triton.autotune skips).
+UNFIT = (OutOfResources, PTXASError, CompileTimeAssertionFailure)
 
 
 @dataclass(frozen=True)
@@ -92,9 +98,9 @@ def _streamed(block_c: int, shapes) -> tuple[TileConfig, ...]:
 
 def _env_flag(name: str) -> bool:
     value = os.environ.get(name, "0").strip().lower()
-    if value not in ("0", "1", "", "false", "true", "off", "on"):
+    if value not in ("", "0", "1", "false", "true", "off", "on", "no", "yes"):
         raise ValueError(f"{name} must be 0 or 1, got {value!r}")
-    return value in ("1", "true", "on")
+    return value in ("1", "true", "on", "yes")
 
 
 _autotune = _env_flag("COSSIM_FAST_TRITON_AUTOTUNE")
@@ -121,12 +127,13 @@ def clear_autotune_choices() -> None:
 
 
 def shape_class(mode: str, features: torch.Tensor, bank: torch.Tensor, precision: str | None) -> tuple:
-    """Shape class of a call: the tuning key (sizes to the next power of two, so N may vary)."""
+    """Shape class of a call: the tuning key (sizes to the next power of two, so N may vary;
+    whether channels are contiguous, as N x C rows, or strided, as B x C x H x W maps)."""
     num_classes, slots, dim = bank.shape
     rows = features.shape[0] * features.shape[1]
     return (
         mode, str(features.device), features.dtype, bank.dtype, precision, dim, num_classes,
-        triton.next_power_of_2(max(slots, 1)), triton.next_power_of_2(max(rows, 1)),
+        triton.next_power_of_2(max(slots, 1)), triton.next_power_of_2(max(rows, 1)), features.stride(2) == 1,
     )
 
 
@@ -153,7 +160,7 @@ def choose(
     for index, config in enumerate(candidates):
         try:
             timings.append((timer(lambda config=config: run(config), repeats), index))
-        except OutOfResources:  # e.g. more shared memory than this GPU has: not a candidate here
+        except UNFIT:  # e.g. more shared memory than this GPU has: not a candidate here
             if index == 0:
                 raise
     best = candidates[min(timings)[1]]
