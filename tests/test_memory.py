@@ -111,6 +111,7 @@ def test_allocation_ledger_sees_allocations_views_and_frees():
     from allocation_ledger import AllocationLedger
 
     x = torch.zeros(1000)
+    outside = torch.zeros(100_000)
     with AllocationLedger() as ledger:
         y = x * 2  # 4000 bytes
         view = y[::2]  # no new storage
@@ -119,4 +120,8 @@ def test_allocation_ledger_sees_allocations_views_and_frees():
         assert ledger.live == 6000
         del view
         w = x.add_(1)  # in place: nothing new
-    assert ledger.peak == 6000 and ledger.live == 2000 and w is x and z.numel() == 500
+        alias = outside.view(100, 1000)[1:]  # a view of memory that existed before: nothing new
+        grown = torch.empty(10)  # 40 bytes, then grown in place to 4000
+        grown.resize_(1000)
+        assert ledger.live == 2000 + 4000
+    assert ledger.peak == 6000 and w is x and z.numel() == 500 and alias.shape == (99, 1000)
