@@ -6,6 +6,7 @@ a tile or kernel change that starts to spill fails this test, not a benchmark on
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import shutil
@@ -49,38 +50,48 @@ def test_problems_name_spills_and_shared_memory():
     assert "spills 8/8" in found[0] and "over the" in found[1]
 
 
-def _run(*args: str) -> list[dict]:
+def _run(tmp_path, *args: str) -> list[dict]:
     env = {key: value for key, value in os.environ.items() if key != "TRITON_INTERPRET"}
-    out = os.path.join(ROOT, "bench", ".resources-test.json")
-    try:
-        done = subprocess.run(
-            [sys.executable, "-m", "bench.resources", *args, "--json", out], cwd=ROOT, env=env,
-            capture_output=True, text=True, timeout=900,
-        )
-        assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
-        with open(out) as handle:
-            return json.load(handle)
-    finally:
-        if os.path.exists(out):
-            os.remove(out)
+    out = tmp_path / "resources.json"
+    done = subprocess.run(
+        [sys.executable, "-m", "bench.resources", *args, "--json", str(out)], cwd=ROOT, env=env,
+        capture_output=True, text=True, timeout=900,
+    )
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    return json.loads(out.read_text())
 
 
-def test_triton_tile_space_compiles_for_sm90_without_spills():
+def test_representative_dims_cover_every_regime():
     pytest.importorskip("triton")
     from cossim_fast.backends.triton import tiles
 
-    rows = _run("--only", "triton", "--arch", "90")
-    compiled = {row["variant"] for row in rows if row["kernel"] == "_max_forward_kernel"}
-    for config in tiles.space("max", 2048, True) + tiles.space("max", 256, True):
-        assert any(str(config) in variant for variant in compiled), config
-    assert {row["kernel"] for row in rows} == {
-        "_max_forward_kernel", "_thresholded_sum_kernel", "_row_gradient_kernel", "_ring_buffer_kernel",
-    }
+    def regime(mode, dim, sixteen_bit):  # the tile shapes; a resident BLOCK_C is C itself
+        return tuple(dataclasses.replace(config, block_c=0 if config.c_resident else config.block_c)
+                     for config in tiles.space(mode, dim, sixteen_bit))
+
+    for (mode, sixteen_bit), dims in resources.TRITON_DIMS.items():
+        covered = {regime(mode, dim, sixteen_bit) for dim in dims}
+        every = {regime(mode, 2**power, sixteen_bit) for power in range(4, 13)}
+        assert covered == every, f"{mode} {'16-bit' if sixteen_bit else 'fp32'}: a regime is not compiled"
+
+
+def test_triton_tile_space_compiles_for_sm90_without_spills(tmp_path):
+    pytest.importorskip("triton")
+    from cossim_fast.backends.triton import tiles
+
+    rows = _run(tmp_path, "--only", "triton", "--arch", "90")
+    kernels = {"max": "_max_forward_kernel", "all": "_thresholded_sum_kernel"}
+    for (mode, sixteen_bit), dims in resources.TRITON_DIMS.items():
+        compiled = {row["variant"] for row in rows if row["kernel"] == kernels[mode]}
+        for dim in dims:
+            for config in tiles.space(mode, dim, sixteen_bit):
+                assert any(variant.startswith(f"C={dim} ") and variant.endswith(str(config)) for variant in compiled), (mode, dim, config)
+    assert {row["kernel"] for row in rows} == {*kernels.values(), "_row_gradient_kernel", "_ring_buffer_kernel"}
 
 
 @pytest.mark.skipif(torch.version.cuda is None or shutil.which("nvcc") is None and not os.environ.get("CUDA_HOME"),
                     reason="needs a CUDA build of torch and nvcc")
-def test_cuda_kernels_compile_for_sm80_and_sm90_without_spills():
+def test_cuda_kernels_compile_for_sm80_and_sm90_without_spills(tmp_path):
     for arch in ("80", "90"):
-        rows = _run("--only", "cuda", "--arch", arch, *(("--allow-spills", "ring_buffer_update_kernel:16") if arch == "80" else ()))
+        rows = _run(tmp_path, "--only", "cuda", "--arch", arch, *(("--allow-spills", "ring_buffer_update_kernel:16") if arch == "80" else ()))
         assert {"class_forward_kernel", "row_gradient_kernel", "ring_buffer_update_kernel"} <= {row["kernel"] for row in rows}
