@@ -71,7 +71,7 @@ if command -v g++-12 >/dev/null 2>&1; then export CC=gcc-12 CXX=g++-12; fi
 ARCH=$($PY -c "import torch; print('%d.%d' % torch.cuda.get_device_capability())" 2>/dev/null)
 if [ -n "$ARCH" ]; then export TORCH_CUDA_ARCH_LIST=${TORCH_CUDA_ARCH_LIST:-$ARCH}; fi
 export MAX_JOBS=${MAX_JOBS:-16}
-step build 100 $PY -m pip install -e . --no-build-isolation --no-deps
+step build 90 $PY -m pip install -e . --no-build-isolation --no-deps
 # The Triton tests first and in their own process: a fault in the CUDA kernels (never run on a
 # GPU before) poisons the CUDA context of the process it happens in. Per-test limit where
 # pytest-timeout is installed. The Triton tests run on CUDA tensors without a gpu marker.
@@ -84,19 +84,21 @@ step cuda_tests 80 $PY -m pytest -q -p no:cacheprovider ${PER_TEST[@]+"${PER_TES
 # without PyTorch's caching allocator so that out-of-bounds accesses hit unallocated memory.
 # (compute-sanitizer has refused the device on some of these machines: the log says so.)
 SANITIZER=$(command -v compute-sanitizer || echo "${CUDA_HOME:-/usr/local/cuda}/bin/compute-sanitizer")
-step sanitizer 60 env PYTORCH_NO_CUDA_MEMORY_CACHING=1 "$SANITIZER" --tool memcheck --error-exitcode 9 \
+step sanitizer 50 env PYTORCH_NO_CUDA_MEMORY_CACHING=1 "$SANITIZER" --tool memcheck --error-exitcode 9 \
     $PY -m pytest -q -p no:cacheprovider tests/test_cuda_backend.py -m gpu -k "m_below_tile or ties or empty_inputs"
 # Triton kernels as this triton compiles them (the CUDA kernels: same nvcc as at home, README).
 step resources 30 $PY -m bench.resources --only triton --arch "$(echo "${ARCH:-9.0}" | tr -d .)" --json "$OUT/resources.json"
 # bf16 before fp32 and C = 256 before 2048: a cut-short run keeps the most important cases.
 # The CUDA backend in a second process, after the others (same reason as the tests).
 OPS=max-fwd,max-bwd,max-fwd_bwd,all-fwd_bwd,update
-step bench 80 $PY -m bench.run --grid gpu --device cuda --ops $OPS --impls reference,torch,triton,per_class,class_gemm --rounds 5 --warmup 2 --time-budget 70 --json "$OUT/bench.json"
+step bench 70 $PY -m bench.run --grid gpu --device cuda --ops $OPS --impls reference,torch,triton,per_class,class_gemm --rounds 5 --warmup 2 --time-budget 60 --json "$OUT/bench.json"
 step bench_cuda 40 $PY -m bench.run --grid gpu --device cuda --ops $OPS --impls cuda --rounds 5 --warmup 2 --time-budget 30 --json "$OUT/bench_cuda.json"
 RESULTS=("$OUT/bench.json")
 [ -f "$OUT/bench_cuda.json" ] && RESULTS+=("$OUT/bench_cuda.json")
 step targets 10 $PY -m bench.targets "${RESULTS[@]}" --json "$OUT/targets.json"
-step frontier 30 $PY -m bench.frontier --device cuda --budget-mib 1024 --M 1024,4096,16384 --dtype bf16 --tol 0.1 --time-budget 20 --json "$OUT/frontier.json"
+# The Triton forward's default tiles against autotuning (compiles every candidate: bf16 only).
+step autotune 45 $PY -m bench.autotune_check --dtype bf16 --json "$OUT/autotune.json"
+step frontier 20 $PY -m bench.frontier --device cuda --budget-mib 1024 --M 4096 --dtype bf16 --tol 0.1 --time-budget 12 --json "$OUT/frontier.json"
 step report 15 $PY -m bench.report "${RESULTS[@]}" --out "$OUT/report" --print --print-ops max-fwd,max-fwd_bwd,all-fwd_bwd,update
 
 {
@@ -119,6 +121,10 @@ rm -f "$OUT/summary.head"
     if [ -f "$OUT/targets.log" ]; then
         echo
         cat "$OUT/targets.log"
+    fi
+    if [ -f "$OUT/autotune.log" ]; then
+        echo
+        cat "$OUT/autotune.log"
     fi
     if [ -f "$OUT/frontier.log" ]; then
         echo

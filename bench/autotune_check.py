@@ -1,0 +1,93 @@
+"""The Triton forward's default tiles against the autotuned ones, at the targets' shapes (GPU only).
+
+For each shape: the median time of the forward with the default candidate of its tile space,
+then with autotuning on (the first call tunes; timed after it), the candidate chosen and the
+speed-up. A default that loses clearly to another candidate is the next default to change.
+
+    python -m bench.autotune_check [--N 131072] [--M 4096] [--C 256,2048] [--dtype bf16] [--json out.json]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+
+import torch
+
+from bench import harness
+
+
+def median_ms(fn, repeats: int = 10) -> float:
+    fn()
+    torch.cuda.synchronize()
+    samples = []
+    for _ in range(repeats):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        fn()
+        end.record()
+        end.synchronize()
+        samples.append(start.elapsed_time(end))
+    return statistics.median(samples)
+
+
+def check(rows: int, slots: int, dim: int, dtype: str, mode: str) -> dict:
+    from cossim_fast.backends.triton import backend, tiles
+
+    problem = harness.make_problem(rows, slots, dim, dtype, "cuda")
+    features, labels = problem.features.detach().unsqueeze(0), problem.labels
+    triton = backend.TritonBackend()
+    if mode == "max":
+        def forward():
+            triton.max_forward(features, labels, problem.bank, problem.counts, -1)
+    else:
+        def forward():
+            triton.all_forward(features, labels, problem.bank, problem.counts, harness.THRESHOLD, -1)
+    precision = backend.dot_precision(features.dtype, problem.bank.dtype)
+    candidates = tiles.space(mode, dim, sixteen_bit=precision is None)
+    tiles.set_autotune(False)
+    default_ms = median_ms(forward)
+    tiles.set_autotune(True)
+    tiles.clear_autotune_choices()
+    try:
+        tuned_ms = median_ms(forward)
+        (chosen,) = tiles.autotune_choices().values()
+    finally:
+        tiles.set_autotune(False)
+    return {
+        "mode": mode, "N": rows, "M": slots, "C": dim, "dtype": dtype, "candidates": len(candidates),
+        "default": str(candidates[0]), "chosen": str(chosen), "default_ms": default_ms, "tuned_ms": tuned_ms,
+        "speedup": default_ms / tuned_ms,
+    }
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m bench.autotune_check", description=__doc__.splitlines()[0])
+    parser.add_argument("--N", type=int, default=131072)
+    parser.add_argument("--M", type=int, default=4096)
+    parser.add_argument("--C", default="256,2048")
+    parser.add_argument("--dtype", default="bf16", choices=tuple(harness.DTYPES))
+    parser.add_argument("--modes", default="max,all")
+    parser.add_argument("--json")
+    args = parser.parse_args(argv)
+    if not torch.cuda.is_available():
+        parser.error("needs a CUDA GPU (autotuning times candidates with CUDA events)")
+    harness.configure_for_benchmarks(False)
+    results = []
+    print("| mode | C | dtype | default | default ms | chosen | tuned ms | speed-up |\n|---|---|---|---|---|---|---|---|")
+    for dim in (int(c) for c in args.C.split(",")):
+        for mode in args.modes.split(","):
+            result = check(args.N, args.M, dim, args.dtype, mode)
+            results.append(result)
+            print(f"| {mode} | {dim} | {args.dtype} | {result['default']} | {result['default_ms']:.3f} | "
+                  f"{result['chosen']} | {result['tuned_ms']:.3f} | {result['speedup']:.2f}x |", flush=True)
+            if args.json:
+                with open(args.json, "w") as handle:
+                    json.dump({"machine": harness.machine(), "results": results}, handle, indent=1)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
