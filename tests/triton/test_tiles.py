@@ -12,10 +12,10 @@ import torch
 
 pytest.importorskip("triton")
 
-from cossim_fast.backends.reference import ReferenceBackend, dense_similarity
+from cossim_fast.backends.reference import ReferenceBackend
 from cossim_fast.backends.triton import backend as triton_backend
 from cossim_fast.backends.triton import tiles
-from test_triton_backend import DEVICES, IGNORE, TOLERANCES, assert_same_max, make_case
+from triton_cases import DEVICES, IGNORE, TOLERANCES, assert_same_all, assert_same_max, make_case
 
 TRITON, REFERENCE = triton_backend.TritonBackend(), ReferenceBackend()
 
@@ -55,19 +55,6 @@ def test_every_candidate_matches_reference(mode, sixteen_bit, dim, config, devic
         assert_same_max(features, labels, bank, counts, got, want, dtype)
     else:
         assert_same_all(features, labels, bank, counts, TRITON.all_forward(features, labels, bank, counts, 0.05, IGNORE), dtype)
-
-
-def assert_same_all(features, labels, bank, counts, got, dtype, threshold=0.05):
-    """Equal counts and sums within tolerance on rows with no similarity near the threshold."""
-    count, ssum, dsum = got
-    ref_count, ref_ssum, ref_dsum = REFERENCE.all_forward(features, labels, bank, counts, threshold, IGNORE)
-    tol = TOLERANCES[dtype]
-    sim = dense_similarity(features, labels, bank, counts, IGNORE)
-    sure = ((sim - threshold).abs() > tol["sim"]).all(dim=1)
-    assert sure.float().mean() > 0.5
-    assert torch.equal(count[sure], ref_count[sure])
-    torch.testing.assert_close(ssum[sure], ref_ssum[sure], atol=tol["sim"] * bank.shape[1], rtol=0)
-    torch.testing.assert_close(dsum[sure], ref_dsum[sure], atol=tol["dsum"], rtol=0)
 
 
 @pytest.mark.parametrize("device", DEVICES)
