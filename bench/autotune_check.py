@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import statistics
 import sys
 
 import torch
@@ -20,17 +19,9 @@ from bench import harness
 
 
 def median_ms(fn, repeats: int = 10) -> float:
-    fn()
-    torch.cuda.synchronize()
-    samples = []
-    for _ in range(repeats):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        fn()
-        end.record()
-        end.synchronize()
-        samples.append(start.elapsed_time(end))
-    return statistics.median(samples)
+    from cossim_fast.backends.triton.tiles import cuda_event_time
+
+    return cuda_event_time(fn, repeats) * 1e3
 
 
 def check(rows: int, slots: int, dim: int, dtype: str, mode: str) -> dict:

@@ -155,7 +155,7 @@ def choose(
         return _choices[key]
     if timer is None and torch.cuda.is_available() and torch.cuda.is_current_stream_capturing():
         return candidates[0]  # no timing inside a CUDA graph capture; tune on a later eager call
-    timer = timer or _cuda_event_time
+    timer = timer or cuda_event_time
     timings = []
     for index, config in enumerate(candidates):
         try:
@@ -168,7 +168,8 @@ def choose(
     return best
 
 
-def _cuda_event_time(fn: Callable[[], None], repeats: int) -> float:
+def cuda_event_time(fn: Callable[[], None], repeats: int) -> float:
+    """Median seconds of ``fn`` on the current CUDA stream, after one warm-up call."""
     fn()  # compile and warm up outside the timing
     samples = []
     for _ in range(repeats):
