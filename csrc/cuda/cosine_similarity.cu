@@ -237,16 +237,32 @@ __device__ __forceinline__ void load_tile(
 template <Path PATH, typename ST>
 struct TileGemm;
 
+// The WMMA paths share the warp grid: warp w owns rows 16*(w/2).. and slots 32*(w%2).. of the
+// tile, as two 16 x 16 accumulator fragments.
+template <typename Fragment>
+__device__ __forceinline__ void zero_warp_tiles(Fragment (&acc)[2]) {
+#pragma unroll
+  for (int j = 0; j < 2; ++j) nvcuda::wmma::fill_fragment(acc[j], 0.0f);
+}
+
+template <int LDS, typename Fragment>
+__device__ __forceinline__ void store_warp_tiles(Fragment (&acc)[2], float* s_s) {
+  const int warp = threadIdx.x / 32;
+  const int wm = warp / 2;
+  const int wn = warp % 2;
+#pragma unroll
+  for (int j = 0; j < 2; ++j) {
+    nvcuda::wmma::store_matrix_sync(s_s + (16 * wm) * LDS + 32 * wn + 16 * j, acc[j], LDS, nvcuda::wmma::mem_row_major);
+  }
+}
+
 // bf16/fp16: 8 warps in a 4 x 2 grid, each 16 rows x 32 slots = 2 WMMA 16x16x16 accumulators.
 template <typename ST>
 struct TileGemm<Path::kTensor16, ST> {
   using WT = typename WmmaType<ST>::type;
   nvcuda::wmma::fragment<nvcuda::wmma::accumulator, 16, 16, 16, float> acc[2];
 
-  __device__ __forceinline__ void zero() {
-#pragma unroll
-    for (int j = 0; j < 2; ++j) nvcuda::wmma::fill_fragment(acc[j], 0.0f);
-  }
+  __device__ __forceinline__ void zero() { zero_warp_tiles(acc); }
   template <int LDA, int LDB>
   __device__ __forceinline__ void chunk(const ST* a_s, const ST* b_s) {
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ < 800
@@ -273,15 +289,7 @@ struct TileGemm<Path::kTensor16, ST> {
 #endif
   }
   template <int LDS>
-  __device__ __forceinline__ void store(float* s_s) {
-    const int warp = threadIdx.x / 32;
-    const int wm = warp / 2;
-    const int wn = warp % 2;
-#pragma unroll
-    for (int j = 0; j < 2; ++j) {
-      nvcuda::wmma::store_matrix_sync(s_s + (16 * wm) * LDS + 32 * wn + 16 * j, acc[j], LDS, nvcuda::wmma::mem_row_major);
-    }
-  }
+  __device__ __forceinline__ void store(float* s_s) { store_warp_tiles<LDS>(acc, s_s); }
 };
 
 // fp32 as tf32: same warp grid, WMMA 16x16x8 tf32 tiles.
@@ -289,10 +297,7 @@ template <typename ST>
 struct TileGemm<Path::kTf32, ST> {
   nvcuda::wmma::fragment<nvcuda::wmma::accumulator, 16, 16, 8, float> acc[2];
 
-  __device__ __forceinline__ void zero() {
-#pragma unroll
-    for (int j = 0; j < 2; ++j) nvcuda::wmma::fill_fragment(acc[j], 0.0f);
-  }
+  __device__ __forceinline__ void zero() { zero_warp_tiles(acc); }
   template <int LDA, int LDB>
   __device__ __forceinline__ void chunk(const float* a_s, const float* b_s) {
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ < 800
@@ -320,15 +325,7 @@ struct TileGemm<Path::kTf32, ST> {
 #endif
   }
   template <int LDS>
-  __device__ __forceinline__ void store(float* s_s) {
-    const int warp = threadIdx.x / 32;
-    const int wm = warp / 2;
-    const int wn = warp % 2;
-#pragma unroll
-    for (int j = 0; j < 2; ++j) {
-      nvcuda::wmma::store_matrix_sync(s_s + (16 * wm) * LDS + 32 * wn + 16 * j, acc[j], LDS, nvcuda::wmma::mem_row_major);
-    }
-  }
+  __device__ __forceinline__ void store(float* s_s) { store_warp_tiles<LDS>(acc, s_s); }
 };
 
 // Exact fp32 on the CUDA cores: a 16 x 16 thread grid, each thread rows 4*ty.. and slots
