@@ -52,6 +52,7 @@ class StepSpec:
     device: str
     step: str = "loss"
     model: str = "deeplabv2_small"
+    activation_checkpointing: bool = False
 
 
 class LossStep:
@@ -133,7 +134,7 @@ class TrainStep:
 
         spec = self.spec
         device = torch.device(spec.device)
-        model = build_model(spec.model, spec.K).to(device).train()
+        model = build_model(spec.model, spec.K, activation_checkpointing=spec.activation_checkpointing).to(device).train()
         dictionary = cossim_fast.FeatureDictionary(spec.K, spec.M, model.feature_channels, device=device)
         full = torch.nn.functional.normalize(torch.randn(spec.K, spec.M, model.feature_channels, device=device), dim=2)
         dictionary.bank.copy_(full)
@@ -399,6 +400,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--impls", default=",".join(DEFAULT_IMPLS))
     parser.add_argument("--step", choices=tuple(STEPS), default="loss", help="what must fit: the loss step, or a training iteration of the trainer's model")
     parser.add_argument("--model", default="deeplabv2_small", help="the trainer model of --step train (its feature channels replace --C)")
+    parser.add_argument(
+        "--activation-checkpointing", action="store_true",
+        help="--step train: the model recomputes its backbone blocks in the backward (model.activation_checkpointing)",
+    )
     parser.add_argument("--start-n", type=int, default=4096)
     parser.add_argument("--round-to", type=int, default=256, help="N is a multiple of this")
     parser.add_argument("--tol", type=float, default=0.05, help="stop when the bracket is within this fraction")
@@ -407,6 +412,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--time-budget", type=float, default=None, help="seconds for the whole run")
     parser.add_argument("--json", default=None, help="write the results (with every probe) here")
     args = parser.parse_args(argv)
+    if args.activation_checkpointing and args.step != "train":
+        parser.error("--activation-checkpointing applies to --step train (the loss step has no model)")
 
     if args.device == "cuda" and not torch.cuda.is_available():
         parser.error("--device cuda needs a CUDA GPU")
@@ -423,14 +430,18 @@ def main(argv: list[str] | None = None) -> int:
     started = time.monotonic()
     deadline = started + args.time_budget if args.time_budget else math.inf
     print(
-        f"memory frontier of the '{args.step}' step on {args.device}: budget {budget / 2**20:.0f} MiB, "
+        f"memory frontier of the '{args.step}' step{' (activation checkpointing)' if args.activation_checkpointing else ''} "
+        f"on {args.device}: budget {budget / 2**20:.0f} MiB, "
         f"K={args.K}, C={args.C}, {args.dtype}, mode={args.mode}; machine: {json.dumps(harness.machine())}",
         flush=True,
     )
     results, skipped = [], []
     for slots in slots_list:
         for impl in impls:
-            spec = StepSpec(impl, slots, args.C, args.K, args.dtype, args.mode, args.threshold, args.device, args.step, args.model)
+            spec = StepSpec(
+                impl, slots, args.C, args.K, args.dtype, args.mode, args.threshold, args.device, args.step, args.model,
+                args.activation_checkpointing,
+            )
             reason = unsupported(spec)
             if reason:
                 skipped.append({"M": slots, "impl": impl, "reason": reason})

@@ -135,6 +135,7 @@ def build_model(
     output_stride: int = 8,
     width: int | None = None,
     aspp_dilations: Sequence[int] = ASPP_DILATIONS,
+    activation_checkpointing: bool = False,
 ) -> DeepLabV2:
     """Build a DeepLab-v2 model by name (see :data:`MODEL_NAMES`).
 
@@ -142,6 +143,8 @@ def build_model(
     (nothing is ever downloaded); without it the weights are random and a notice is logged.
     ``freeze_bn=None`` freezes BatchNorm exactly when pretrained weights are given: frozen
     statistics of a random init would be meaningless. ``width`` overrides the stem width.
+    ``activation_checkpointing`` recomputes the backbone's blocks in the backward instead of
+    keeping their activations (same gradients, less memory, more time).
     """
     if name not in MODEL_SPECS:
         raise ValueError(f"unknown model {name!r}; choose from {MODEL_NAMES}")
@@ -149,7 +152,8 @@ def build_model(
     if freeze_bn is None:
         freeze_bn = pretrained is not None
     backbone = ResNet(
-        depth, width=default_width if width is None else width, output_stride=output_stride, freeze_bn=freeze_bn
+        depth, width=default_width if width is None else width, output_stride=output_stride, freeze_bn=freeze_bn,
+        activation_checkpointing=activation_checkpointing,
     )
     if pretrained is None:
         logger.warning("%s: no pretrained weights given, the model is randomly initialized", name)

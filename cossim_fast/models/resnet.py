@@ -8,18 +8,23 @@ conv of a ``Bottleneck``, as in torchvision (ResNet v1.5), so those weights fit.
 
 Dilation follows DeepLab-v2: for output stride 8, ``layer3`` and ``layer4`` keep stride 1 and
 every 3x3 conv in them is dilated by 2 and 4 respectively.
+
+With ``activation_checkpointing`` the stem and every residual block keep only their input for the
+backward and recompute the rest there: activations are what limits resolution and batch.
 """
 
 from __future__ import annotations
 
 import logging
-from collections.abc import Mapping
+from collections.abc import Callable, Iterator, Mapping
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 from typing import cast
 
 import torch
 from torch import Tensor, nn
+from torch.utils.checkpoint import checkpoint
 
 logger = logging.getLogger(__name__)
 
@@ -115,6 +120,9 @@ class ResNet(nn.Module):
     With ``freeze_bn`` every BatchNorm stays in eval mode (running statistics are used and
     never updated, even under ``model.train()``) and its affine parameters get no gradient:
     UDA training with batch 1 cannot estimate batch statistics.
+
+    ``activation_checkpointing`` (an attribute, may be switched at any time) trades compute for
+    memory when gradients are on: see :meth:`forward_features`.
     """
 
     def __init__(
@@ -125,6 +133,7 @@ class ResNet(nn.Module):
         output_stride: int = 8,
         freeze_bn: bool = False,
         in_channels: int = 3,
+        activation_checkpointing: bool = False,
     ) -> None:
         super().__init__()
         if depth not in RESNET_SPECS:
@@ -140,6 +149,7 @@ class ResNet(nn.Module):
         self.depth = depth
         self.output_stride = output_stride
         self.freeze_bn = freeze_bn
+        self.activation_checkpointing = activation_checkpointing
         self._inplanes = width
 
         self.conv1 = nn.Conv2d(in_channels, width, 7, stride=2, padding=3, bias=False)
@@ -195,19 +205,58 @@ class ResNet(nn.Module):
         return self
 
     def forward_features(self, x: Tensor) -> tuple[Tensor, Tensor]:
-        """``(pre_activation, output)``: the last block's residual sum and its ReLU."""
-        x = self.maxpool(self.relu(self.bn1(self.conv1(x))))
-        x = self.layer3(self.layer2(self.layer1(x)))
+        """``(pre_activation, output)``: the last block's residual sum and its ReLU.
+
+        With ``activation_checkpointing`` and gradients on, the stem and each block run under
+        ``torch.utils.checkpoint``: the backward recomputes them from their saved input, with
+        the batch statistics the first pass used, and the running statistics it updates again
+        are put back, so gradients and BatchNorm buffers are those of a plain run.
+        """
         *head_blocks, last = self.layer4
-        for blk in head_blocks:
-            x = blk(x)
-        pre = cast(BasicBlock | Bottleneck, last).forward_pre_activation(x)
+        x = self._run(self._stem, x, self.bn1)
+        for block in (*self.layer1, *self.layer2, *self.layer3, *head_blocks):
+            x = self._run(block, x, block)
+        last = cast(BasicBlock | Bottleneck, last)
+        pre = self._run(last.forward_pre_activation, x, last)
         # Out of place: ``pre`` is returned and must keep its negative values.
         return pre, torch.relu(pre)
+
+    def _stem(self, x: Tensor) -> Tensor:
+        return self.maxpool(self.relu(self.bn1(self.conv1(x))))
+
+    def _run(self, segment: Callable[[Tensor], Tensor], x: Tensor, owner: nn.Module) -> Tensor:
+        """``segment(x)``, checkpointed when asked; ``owner`` holds the segment's BatchNorms."""
+        if not (self.activation_checkpointing and torch.is_grad_enabled()):
+            return segment(x)
+        # The blocks draw no random numbers, so the RNG state need not be saved and restored.
+        return checkpoint(
+            segment, x, use_reentrant=False, preserve_rng_state=False,
+            context_fn=lambda: (nullcontext(), _running_stats_kept(owner)),
+        )
 
     def forward(self, x: Tensor) -> Tensor:
         """The backbone output (after the last ReLU), ``B x out_channels x H/os x W/os``."""
         return self.forward_features(x)[1]
+
+
+@contextmanager
+def _running_stats_kept(module: nn.Module) -> Iterator[None]:
+    """While recomputing, BatchNorm layers in train mode normalize with the batch statistics, as
+    the first pass did, and update their running statistics again: put those back (the first
+    pass updated them already). Restoring keeps the recomputation's saved tensors the same."""
+    buffers = [
+        buffer
+        for m in module.modules()
+        if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.training and m.track_running_stats
+        for buffer in (m.running_mean, m.running_var, m.num_batches_tracked)
+        if buffer is not None
+    ]
+    saved = [buffer.clone() for buffer in buffers]
+    try:
+        yield
+    finally:
+        for buffer, value in zip(buffers, saved):
+            buffer.copy_(value)
 
 
 @dataclass(frozen=True)

@@ -62,6 +62,7 @@ class ModelConfig:
     feature_point: str = "backbone"  # backbone | pre_activation
     freeze_bn: bool = False
     init_from: str | None = None  # start from this checkpoint's weights (e.g. a source-only run)
+    activation_checkpointing: bool = False  # recompute backbone blocks in the backward: less memory, more time
 
 
 @dataclass

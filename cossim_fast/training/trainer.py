@@ -102,6 +102,7 @@ class Trainer:
         model = build_model(
             config.model.name, NUM_CLASSES, pretrained=config.model.pretrained,
             feature_point=config.model.feature_point, freeze_bn=config.model.freeze_bn or None,
+            activation_checkpointing=config.model.activation_checkpointing,
         ).to(self.device)
         if config.model.init_from:
             model.load_state_dict(checkpoint.load(config.model.init_from)["model"])

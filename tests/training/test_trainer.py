@@ -45,6 +45,19 @@ def test_resumed_run_reaches_the_same_weights(tiny_config):
     assert torch.equal(straight.dictionary.bank, resumed.dictionary.bank)
 
 
+def test_activation_checkpointing_trains_the_same_model(tiny_config):
+    # On the CPU the recomputation repeats the first pass's ops exactly: the weights are bitwise equal.
+    common = ("train.device=cpu", "train.iterations=3", "train.eval_every=3")
+    plain = Trainer(tiny_config(*common, output="plain"), progress=False)
+    plain.train()
+    lean = Trainer(tiny_config("model.activation_checkpointing=true", *common, output="lean"), progress=False)
+    assert lean.model.backbone.activation_checkpointing
+    lean.train()
+    for name, value in _weights(plain).items():
+        torch.testing.assert_close(lean.model.state_dict()[name], value, rtol=0, atol=0, msg=name)
+    assert torch.equal(lean.dictionary.bank, plain.dictionary.bank)
+
+
 def test_checkpoint_write_is_atomic(tmp_path, monkeypatch):
     path = tmp_path / "last.pt"
     checkpoint.save_atomic({"iteration": 1}, path)
