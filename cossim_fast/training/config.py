@@ -1,7 +1,8 @@
 """Training configuration: typed dataclasses, loaded from YAML with strict validation.
 
-An unknown key or a value of the wrong type is an error naming its dotted path, found when the
-file is read, not hours into a run. ``--set a.b=value`` overrides use the same checks.
+An unknown key, a value of the wrong type or out of its range is an error naming its dotted
+path, found when the file is read, not hours into a run. ``--set a.b=value`` overrides and the
+configs stored in checkpoints go through the same checks.
 """
 
 from __future__ import annotations
@@ -14,6 +15,8 @@ from pathlib import Path
 from typing import Any
 
 import yaml
+
+from cossim_fast.data.labels import PROTOCOLS
 
 
 class ConfigError(ValueError):
@@ -143,6 +146,55 @@ CHOICES = {
 }
 
 
+def _at_least(low: float) -> tuple[typing.Callable[[Any], bool], str]:
+    return (lambda v: v >= low), f">= {low}"
+
+
+def _above(low: float) -> tuple[typing.Callable[[Any], bool], str]:
+    return (lambda v: v > low), f"> {low}"
+
+
+def _within(low: float, high: float, *, open_low: bool = False, open_high: bool = False) -> tuple[typing.Callable[[Any], bool], str]:
+    def check(v: Any) -> bool:
+        return (v > low if open_low else v >= low) and (v < high if open_high else v <= high)
+
+    return check, f"in {'(' if open_low else '['}{low}, {high}{')' if open_high else ']'}"
+
+
+_POSITIVE = _at_least(1)
+_IMAGE_SIZE = (lambda v: len(v) == 2 and min(v) >= 1), "[width, height], both >= 1"
+
+#: Ranges beyond the type, checked where the value is read (None, where allowed, passes).
+RULES: dict[str, tuple[typing.Callable[[Any], bool], str]] = {
+    **{f"train.{name}": _POSITIVE for name in (
+        "iterations", "batch_size_source", "batch_size_target", "grad_accum", "log_every", "eval_every",
+        "checkpoint_every", "threads", "check_values_every",
+    )},
+    **{f"data.{domain}.size": _IMAGE_SIZE for domain in ("source", "target", "val", "synthetic")},
+    **{f"data.synthetic.{name}": _POSITIVE for name in ("num_source", "num_target_train", "num_target_val")},
+    "data.synthetic.style_strength": _within(0, 1),
+    "data.num_workers": _at_least(0),
+    "data.protocols": (
+        lambda v: len(v) >= 1 and len(set(v)) == len(v) and set(v) <= set(PROTOCOLS),
+        f"a non-empty list of distinct class counts from {sorted(PROTOCOLS, reverse=True)}",
+    ),
+    "optim.lr": _above(0),
+    "optim.head_lr_mult": _above(0),
+    "optim.momentum": _within(0, 1, open_high=True),
+    "optim.weight_decay": _at_least(0),
+    "optim.poly_power": _at_least(0),
+    "cosine.weight": _at_least(0),
+    "cosine.threshold": _within(-1, 1),
+    "cosine.slots_per_class": _POSITIVE,
+    "cosine.max_per_class": _POSITIVE,
+    "cosine.pseudo_threshold": _within(0, 1, open_high=True),
+    "cosine.class_cap": _within(0, 1, open_low=True),
+    "cosine.warmup_iters": _at_least(0),
+    "cosine.ramp_iters": _at_least(0),
+    "entropy.weight": _at_least(0),
+}
+
+
 def _check_value(path: str, annotation: Any, value: Any, default: Any = None) -> Any:
     """``value`` converted to ``annotation``, or a ConfigError naming ``path``."""
     origin = typing.get_origin(annotation)
@@ -158,7 +210,7 @@ def _check_value(path: str, annotation: Any, value: Any, default: Any = None) ->
         (item,) = typing.get_args(annotation)
         if not isinstance(value, list):
             raise ConfigError(f"{path}: expected a list of {item.__name__}, got {value!r}")
-        return [_check_value(f"{path}[{i}]", item, v) for i, v in enumerate(value)]
+        return _check_range(path, [_check_value(f"{path}[{i}]", item, v) for i, v in enumerate(value)])
     if annotation is float and isinstance(value, int) and not isinstance(value, bool):
         value = float(value)
     if annotation is bool and not isinstance(value, bool) or not isinstance(value, annotation) or (
@@ -167,6 +219,14 @@ def _check_value(path: str, annotation: Any, value: Any, default: Any = None) ->
         raise ConfigError(f"{path}: expected {annotation.__name__}, got {type(value).__name__} {value!r}")
     if path in CHOICES and value not in CHOICES[path]:
         raise ConfigError(f"{path}: expected one of {CHOICES[path]}, got {value!r}")
+    return _check_range(path, value)
+
+
+def _check_range(path: str, value: Any) -> Any:
+    if path in RULES:
+        check, expected = RULES[path]
+        if not check(value):
+            raise ConfigError(f"{path}: expected {expected}, got {value!r}")
     return value
 
 
@@ -225,15 +285,39 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
         values = loaded
     for text in overrides or []:
         values = _merge(values, parse_override(text))
-    config = _build(Config, values)
-    if min(config.train.iterations, config.train.grad_accum, config.train.check_values_every) < 1:
-        raise ConfigError("train.iterations, train.grad_accum and train.check_values_every must be >= 1")
-    return config
+    return _build(Config, values)
 
 
 def config_from_dict(values: dict) -> Config:
     """A checked :class:`Config` from a plain mapping (e.g. the one a checkpoint stores)."""
     return _build(Config, values)
+
+
+#: Keys that change how a run reports, not what it computes.
+REPORTING_KEYS = frozenset({
+    "output_dir", "train.log_every", "train.eval_every", "train.checkpoint_every", "train.check_values_every",
+    "train.threads", "data.num_workers",
+})
+
+
+def _flatten(values: dict, prefix: str = "") -> dict[str, Any]:
+    flat = {}
+    for key, value in values.items():
+        if isinstance(value, dict):
+            flat.update(_flatten(value, f"{prefix}{key}."))
+        else:
+            flat[f"{prefix}{key}"] = value
+    return flat
+
+
+def config_changes(old: dict, new: dict) -> list[str]:
+    """``"key: old -> new"`` for every setting that differs (reporting keys aside)."""
+    before, after = _flatten(old), _flatten(new)
+    return [
+        f"{key}: {before.get(key, '(absent)')!r} -> {after.get(key, '(absent)')!r}"
+        for key in sorted(before.keys() | after.keys())
+        if key not in REPORTING_KEYS and before.get(key) != after.get(key)
+    ]
 
 
 def to_dict(config: Config) -> dict:

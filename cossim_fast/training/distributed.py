@@ -50,6 +50,14 @@ def wrap(model: nn.Module, context: Context) -> nn.Module:
     return nn.parallel.DistributedDataParallel(model, device_ids=device_ids)
 
 
+def broadcast_buffers(model: nn.Module, context: Context) -> None:
+    """Rank 0's buffers on every rank: BatchNorm running statistics drift apart per rank, as each
+    rank updates them from its own batches (DDP broadcasts them only when a forward starts)."""
+    if context.world > 1:
+        for buffer in model.buffers():
+            dist.broadcast(buffer, src=0)
+
+
 def barrier(context: Context) -> None:
     if context.world > 1:
         dist.barrier()

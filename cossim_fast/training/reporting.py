@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import csv
 import json
+import os
 import sys
 from pathlib import Path
 from typing import Any
@@ -48,6 +49,14 @@ def append_metrics(row: dict[str, Any], run_dir: Path) -> None:
     run_dir.mkdir(parents=True, exist_ok=True)
     with open(run_dir / "metrics.jsonl", "a") as stream:
         stream.write(json.dumps(row) + "\n")
+
+
+def rewrite_metrics(history: list[dict[str, Any]], run_dir: Path) -> None:
+    """``metrics.jsonl`` as ``history`` holds it (on resume: rows logged after the checkpoint go)."""
+    run_dir.mkdir(parents=True, exist_ok=True)
+    temporary = run_dir / "metrics.jsonl.tmp"
+    temporary.write_text("".join(json.dumps(row) + "\n" for row in history))
+    os.replace(temporary, run_dir / "metrics.jsonl")
 
 
 def _write_csv(path: Path, columns, rows) -> None:

@@ -50,19 +50,28 @@ class IterationBatches(torch.utils.data.Sampler[list[int]]):
 
 
 class CachedDataset(Dataset):
-    """Keeps decoded samples in memory: small datasets (the synthetic one) are read once."""
+    """Keeps decoded samples in memory, up to ``max_bytes`` of tensors: a small dataset (the
+    synthetic one) is read once; of a large one (GTA5: ~18 MB a decoded sample) only the first
+    samples are kept and the rest are decoded every time."""
 
-    def __init__(self, dataset: Dataset) -> None:
+    def __init__(self, dataset: Dataset, max_bytes: int = 2 * 2**30) -> None:
         self.dataset = dataset
+        self.max_bytes = max_bytes
+        self.cached_bytes = 0
         self.cache: dict[int, tuple] = {}
 
     def __len__(self) -> int:
         return len(self.dataset)
 
     def __getitem__(self, index: int) -> tuple:
-        if index not in self.cache:
-            self.cache[index] = self.dataset[index]
-        return self.cache[index]
+        if index in self.cache:
+            return self.cache[index]
+        sample = self.dataset[index]
+        size = sum(item.nbytes for item in sample if isinstance(item, Tensor))
+        if self.cached_bytes + size <= self.max_bytes:
+            self.cache[index] = sample
+            self.cached_bytes += size
+        return sample
 
 
 def flips(seed: int, iteration: int, batch_size: int, rank: int, world: int) -> Tensor:

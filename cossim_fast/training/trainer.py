@@ -19,7 +19,7 @@ from cossim_fast.data import DATASETS, IGNORE_INDEX, NUM_CLASSES, generate_synth
 from cossim_fast.evaluation import ConfusionMatrix
 from cossim_fast.models import build_model
 from cossim_fast.training import checkpoint, distributed, reporting
-from cossim_fast.training.config import Config, DomainConfig, save_config, to_dict
+from cossim_fast.training.config import Config, DomainConfig, config_changes, save_config, to_dict
 from cossim_fast.training.streams import CachedDataset, batch_stream
 from cossim_fast.training.target_losses import class_shares, downsample_labels, entropy_loss, pseudo_labels
 
@@ -149,7 +149,8 @@ class Trainer:
         path = self.run_dir / CHECKPOINT_DIR / "last.pt" if resume == "auto" else Path(resume)
         if resume == "auto" and not path.is_file():
             return
-        state = checkpoint.load(path, map_location=self.device)
+        # On the CPU: torch wants CPU RNG states; load_state_dict copies the rest to the device.
+        state = checkpoint.load(path)
         self.model.load_state_dict(state["model"])
         self.optimizer.load_state_dict(state["optimizer"])
         self.scaler.load_state_dict(state["scaler"])
@@ -160,6 +161,10 @@ class Trainer:
         checkpoint.set_rng_state(state["rng"])
         if self.context.is_main:
             print(f"resumed from {path} at iteration {self.iteration}")
+            changed = config_changes(json.loads(state["config"]), to_dict(self.config))
+            if changed:
+                print(f"warning: the config differs from the one {path} was trained with: {'; '.join(changed)}")
+            reporting.rewrite_metrics(self.history, self.run_dir)  # drop rows logged after this checkpoint
 
     def save_checkpoint(self, name: str) -> None:
         if not self.context.is_main:
@@ -185,50 +190,55 @@ class Trainer:
             return contextlib.nullcontext()
         return torch.autocast(self.device.type, dtype=torch.bfloat16 if amp == "bf16" else torch.float16)
 
-    def _backward(self, loss: torch.Tensor, sync: bool) -> None:
-        context = contextlib.nullcontext() if sync or self.net is self.model else self.net.no_sync()
-        with context:
-            self.scaler.scale(loss / self.config.train.grad_accum).backward()
+    def _gradient_sync(self, sync: bool):
+        """DDP all-reduces gradients in the backward of a forward run outside ``no_sync`` (it
+        decides at the forward): only the iteration's last pass, forward and backward, does."""
+        return contextlib.nullcontext() if sync or self.net is self.model else self.net.no_sync()
+
+    def _backward(self, loss: torch.Tensor) -> None:
+        self.scaler.scale(loss / self.config.train.grad_accum).backward()
 
     def _micro_step(self, source, target, iteration: int, last: bool) -> dict[str, torch.Tensor]:
         config = self.config
         images, labels = (t.to(self.device, non_blocking=True) for t in source)
         weight = loss_weight(config, iteration)
         needs_target = weight > 0 or config.entropy.weight > 0
-        with self._autocast():
-            out = self.net(images)
-            logits = F.interpolate(out.logits, size=labels.shape[-2:], mode="bilinear", align_corners=False)
-            ce = F.cross_entropy(logits.float(), labels, ignore_index=IGNORE_INDEX)
-        self._backward(ce, sync=last and not needs_target)
+        with self._gradient_sync(last and not needs_target):
+            with self._autocast():
+                out = self.net(images)
+                logits = F.interpolate(out.logits, size=labels.shape[-2:], mode="bilinear", align_corners=False)
+                ce = F.cross_entropy(logits.float(), labels, ignore_index=IGNORE_INDEX)
+            self._backward(ce)
         stats = {"loss_ce": ce}
-        if not needs_target:
-            return stats
-
         check = iteration % config.train.check_values_every == 0
-        self.criterion.check_values = check
-        if config.cosine.enabled:
+        if config.cosine.enabled:  # during the loss's warm-up too: the bank is full when it starts
             generator = torch.Generator(device=self.device).manual_seed(config.seed * 7_919 + iteration)
             self.dictionary.update(
                 out.features.detach().float(), downsample_labels(labels, out.features.shape[-2:]),
                 max_per_class=config.cosine.max_per_class, generator=generator, check_values=check,
             )
+        if not needs_target:
+            return stats
+
+        self.criterion.check_values = check
         target_images = target[0].to(self.device, non_blocking=True)
-        with self._autocast():
-            out_t = self.net(target_images)
-            pseudo = pseudo_labels(out_t.logits, config.cosine.pseudo_threshold, config.cosine.class_cap)
-            # The zero term puts every parameter in this backward's graph: DDP reduces the
-            # gradients accumulated over the iteration in it, and expects all of them there.
-            total = 0.0 * out_t.logits.float().mean()
-            if weight > 0:
-                loss_cos = self.criterion(out_t.features, pseudo)
-                total = total + weight * loss_cos
-                stats["loss_cos"] = loss_cos
-                stats["selected"] = self.criterion.last_selected_fraction
-            if config.entropy.weight > 0:
-                loss_ent = entropy_loss(out_t.logits)
-                total = total + config.entropy.weight * loss_ent
-                stats["loss_ent"] = loss_ent
-        self._backward(total, sync=last)
+        with self._gradient_sync(last):
+            with self._autocast():
+                out_t = self.net(target_images)
+                pseudo = pseudo_labels(out_t.logits, config.cosine.pseudo_threshold, config.cosine.class_cap)
+                # The zero term puts every parameter in this backward's graph: DDP reduces the
+                # gradients accumulated over the iteration in it, and expects all of them there.
+                total = 0.0 * out_t.logits.float().mean()
+                if weight > 0:
+                    loss_cos = self.criterion(out_t.features, pseudo)
+                    total = total + weight * loss_cos
+                    stats["loss_cos"] = loss_cos
+                    stats["selected"] = self.criterion.last_selected_fraction
+                if config.entropy.weight > 0:
+                    loss_ent = entropy_loss(out_t.logits)
+                    total = total + config.entropy.weight * loss_ent
+                    stats["loss_ent"] = loss_ent
+            self._backward(total)
         stats["pseudo_kept"] = (pseudo != IGNORE_INDEX).float().mean()
         stats["pseudo_share"] = class_shares(pseudo, NUM_CLASSES)
         return stats
@@ -237,6 +247,10 @@ class Trainer:
         """Run from the current iteration to the end (or to iteration ``until``, then save a
         checkpoint and stop, as a killed run would have); returns the last evaluation."""
         config, context = self.config, self.context
+        if self.iteration >= config.train.iterations:
+            if context.is_main:
+                print(f"the run in {self.run_dir} has finished ({self.iteration} iterations); --resume none starts it over")
+            return next((dict(row["eval"]) for row in reversed(self.history) if "eval" in row), {})
         stop = config.train.iterations if until is None else min(until, config.train.iterations)
         streams = [
             batch_stream(dataset, batch, config.seed + offset, rank=context.rank, world=context.world,
@@ -296,6 +310,7 @@ class Trainer:
         bar.set_postfix_str(reporting.brief(row))
 
     def evaluate_and_keep(self, final: bool) -> dict[str, Any]:
+        distributed.broadcast_buffers(self.model, self.context)  # every rank scores rank 0's model
         matrix = evaluate(self.model, self.val, self.device, self.context, progress=self.progress)
         protocols = self.config.data.protocols
         summary = {"iteration": self.iteration, **matrix.summary(protocols), "pixels": int(matrix.matrix.sum())}
@@ -309,8 +324,7 @@ class Trainer:
             self.best_miou = miou
             self.save_checkpoint("best")
         self.save_checkpoint("last")
-        summary["table"] = matrix.table(protocols)
-        return summary
+        return {**summary, "table": matrix.table(protocols)}
 
 
 @torch.no_grad()

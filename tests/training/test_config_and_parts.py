@@ -5,8 +5,9 @@ import torch
 
 from cossim_fast import configs
 from cossim_fast.training import ConfigError, load_config
-from cossim_fast.training.config import save_config
-from cossim_fast.training.streams import IterationBatches, flips
+from cossim_fast.training import checkpoint
+from cossim_fast.training.config import config_from_dict, save_config
+from cossim_fast.training.streams import CachedDataset, IterationBatches, flips
 from cossim_fast.training.target_losses import class_shares, entropy_loss, pseudo_labels
 
 
@@ -25,7 +26,17 @@ def test_shipped_configs_load(name):
         ("data:\n  source:\n    size: [128, x]\n", r"data.source.size\[1\]: expected int"),
         ("model: resnet\n", "model: expected a mapping"),
         ("- 1\n", "expected a mapping at the top level"),
-        ("train:\n  iterations: 0\n", "train.iterations, train.grad_accum and train.check_values_every must be >= 1"),
+        ("train:\n  iterations: 0\n", "train.iterations: expected >= 1, got 0"),
+        ("train:\n  log_every: 0\n", "train.log_every: expected >= 1, got 0"),
+        ("train:\n  batch_size_source: 0\n", "train.batch_size_source: expected >= 1"),
+        ("data:\n  protocols: [15]\n", r"data.protocols: expected a non-empty list of distinct class counts from \[19, 16, 13\]"),
+        ("data:\n  protocols: []\n", "data.protocols: expected a non-empty list"),
+        ("data:\n  source:\n    size: [48]\n", r"data.source.size: expected \[width, height\]"),
+        ("cosine:\n  threshold: 2.0\n", r"cosine.threshold: expected in \[-1, 1\], got 2.0"),
+        ("cosine:\n  class_cap: 0.0\n", r"cosine.class_cap: expected in \(0, 1\]"),
+        ("cosine:\n  max_per_class: 0\n", "cosine.max_per_class: expected >= 1"),
+        ("cosine:\n  pseudo_threshold: 1.0\n", r"cosine.pseudo_threshold: expected in \[0, 1\)"),
+        ("optim:\n  lr: -1\n", "optim.lr: expected > 0, got -1.0"),
     ],
 )
 def test_bad_config_files_name_the_key(tmp_path, text, match):
@@ -33,6 +44,12 @@ def test_bad_config_files_name_the_key(tmp_path, text, match):
     path.write_text(text)
     with pytest.raises(ConfigError, match=match):
         load_config(path)
+
+
+def test_configs_from_checkpoints_are_checked_too():
+    with pytest.raises(ConfigError, match="train.eval_every: expected >= 1"):
+        config_from_dict({"train": {"eval_every": 0}})
+    assert config_from_dict({"cosine": {"max_per_class": None, "class_cap": None}}).cosine.class_cap is None
 
 
 def test_overrides_defaults_and_round_trip(tmp_path):
@@ -77,3 +94,21 @@ def test_pseudo_labels_threshold_and_class_cap():
 def test_entropy_is_normalized():
     assert entropy_loss(torch.zeros(2, 19, 3, 3)).item() == pytest.approx(1.0)
     assert entropy_loss(torch.tensor([[[[50.0]], [[0.0]]]])).item() == pytest.approx(0.0, abs=1e-6)
+
+
+def test_cached_dataset_stops_caching_at_its_budget():
+    samples = [(torch.full((10,), float(i)), torch.zeros(5, dtype=torch.int64), f"s{i}") for i in range(6)]
+    per_sample = 10 * 4 + 5 * 8
+    cached = CachedDataset(samples, max_bytes=3 * per_sample)
+    assert [cached[i][0][0].item() for i in range(6)] == [0, 1, 2, 3, 4, 5]
+    assert sorted(cached.cache) == [0, 1, 2] and cached.cached_bytes == 3 * per_sample
+    assert cached[4][2] == "s4"  # read through, not kept
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_rng_states_restore_from_a_checkpoint_loaded_onto_the_gpu(tmp_path):
+    checkpoint.save_atomic({"rng": checkpoint.rng_state()}, tmp_path / "last.pt")
+    expected = torch.rand(3)
+    checkpoint.set_rng_state(checkpoint.load(tmp_path / "last.pt", map_location="cuda")["rng"])
+    assert torch.equal(torch.rand(3), expected)

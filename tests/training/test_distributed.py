@@ -15,13 +15,21 @@ WORKER = r"""
 import json, sys
 import torch
 import torch.distributed as dist
+from torch.distributed.algorithms.ddp_comm_hooks.default_hooks import allreduce_hook
 from cossim_fast.training import Trainer, load_config
 overrides, out = json.loads(sys.argv[1]), sys.argv[2]
 trainer = Trainer(load_config(None, overrides), resume=None, progress=False)
+allreduces = []
+if dist.is_initialized():  # record the bucket of every gradient all-reduce
+    def hook(state, bucket):
+        allreduces.append(bucket.index())
+        return allreduce_hook(dist.group.WORLD, bucket)
+    trainer.net.register_comm_hook(None, hook)
 result = trainer.train()
 rank = dist.get_rank() if dist.is_initialized() else 0
 torch.save({"bank": trainer.dictionary.bank, "counts": trainer.dictionary.counts,
-            "model": trainer.model.state_dict(), "pixels": result["pixels"]}, f"{out}.rank{rank}.pt")
+            "model": trainer.model.state_dict(), "pixels": result["pixels"], "allreduced_buckets": allreduces},
+           f"{out}.rank{rank}.pt")
 """
 
 
@@ -50,6 +58,7 @@ def test_two_ranks_match_one_process_on_the_combined_batch(tiny_data, tmp_path):
     common = ["model.freeze_bn=true", "cosine.warmup_iters=1000", "train.iterations=3", "train.eval_every=3"]
     two = _run(tmp_path, tiny_overrides(tiny_data, tmp_path / "ddp", *common), 2)
     one = _run(tmp_path, tiny_overrides(tiny_data, tmp_path / "single", *common, "train.batch_size_source=4", "train.batch_size_target=4"), 1)
+    assert two[0]["counts"].sum() > 0  # the bank fills during the loss's warm-up
     assert torch.equal(two[0]["bank"], two[1]["bank"]) and torch.equal(two[0]["counts"], two[1]["counts"])
     assert torch.equal(two[0]["counts"], one[0]["counts"])
     torch.testing.assert_close(two[0]["bank"], one[0]["bank"], atol=1e-5, rtol=0)
@@ -57,3 +66,14 @@ def test_two_ranks_match_one_process_on_the_combined_batch(tiny_data, tmp_path):
         torch.testing.assert_close(two[0]["model"][name], value, atol=1e-5, rtol=1e-4, msg=name)
     # Evaluation shards the val images without duplicates: both score the same pixels.
     assert two[0]["pixels"] == one[0]["pixels"]
+
+
+def test_ranks_evaluate_the_same_batchnorm_statistics_and_sync_once_per_iteration(tiny_data, tmp_path):
+    # Each rank updates its running statistics from its own batches; evaluation and the
+    # checkpoint use rank 0's on every rank.
+    common = ["model.freeze_bn=false", "train.iterations=2", "train.eval_every=2"]
+    two = _run(tmp_path, tiny_overrides(tiny_data, tmp_path / "ddp", *common), 2)
+    # Each iteration all-reduces each gradient bucket once, although it runs two backward passes.
+    assert two[0]["allreduced_buckets"].count(0) == 2, two[0]["allreduced_buckets"]
+    for name, value in two[0]["model"].items():
+        assert torch.equal(two[1]["model"][name], value), name

@@ -1,6 +1,8 @@
 """Short training runs: outputs, exact resume, atomic checkpoints, the levers, errors."""
 
 import json
+import os
+import stat
 
 import pytest
 import torch
@@ -56,6 +58,41 @@ def test_activation_checkpointing_trains_the_same_model(tiny_config):
     for name, value in _weights(plain).items():
         torch.testing.assert_close(lean.model.state_dict()[name], value, rtol=0, atol=0, msg=name)
     assert torch.equal(lean.dictionary.bank, plain.dictionary.bank)
+
+
+def test_resume_drops_rows_logged_after_the_checkpoint_and_names_config_changes(tiny_config, capsys):
+    Trainer(tiny_config(output="run"), progress=False).train(until=4)
+    metrics = tiny_config(output="run").output_dir + "/metrics.jsonl"
+    with open(metrics, "a") as stream:  # logged after the checkpoint, then the run was killed
+        stream.write(json.dumps({"iteration": 5, "loss_ce": 1.0}) + "\n")
+    resumed = Trainer(tiny_config("cosine.weight=0.5", "train.log_every=3", output="run"), progress=False)
+    out = capsys.readouterr().out
+    assert "config differs" in out and "cosine.weight: 0.1 -> 0.5" in out and "log_every" not in out
+    rows = [json.loads(line) for line in open(metrics)]
+    assert max(row["iteration"] for row in rows) == 4 and len(rows) == len(resumed.history)
+
+
+def test_finished_run_says_so_and_returns_its_last_evaluation(tiny_config, capsys):
+    config = tiny_config("train.iterations=2", "train.eval_every=2")
+    first = Trainer(config, progress=False).train()
+    again = Trainer(config, progress=False).train()
+    assert "has finished (2 iterations)" in capsys.readouterr().out
+    assert again["mIoU19"] == first["mIoU19"] and again["iteration"] == 2
+
+
+def test_dictionary_fills_during_the_loss_warm_up(tiny_config):
+    trainer = Trainer(tiny_config("cosine.warmup_iters=1000", "train.iterations=2", "train.eval_every=2"), progress=False)
+    trainer.train()
+    assert trainer.dictionary.counts.sum() > 0
+    assert "loss_cos" not in trainer.history[0]
+
+
+def test_checkpoint_files_are_readable_as_the_umask_allows(tmp_path):
+    path = tmp_path / "last.pt"
+    checkpoint.save_atomic({"iteration": 1}, path)
+    mask = os.umask(0)
+    os.umask(mask)
+    assert stat.S_IMODE(path.stat().st_mode) == 0o666 & ~mask
 
 
 def test_checkpoint_write_is_atomic(tmp_path, monkeypatch):
