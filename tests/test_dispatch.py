@@ -64,3 +64,24 @@ def test_available_backends_lists_what_runs_here():
     assert set(names) <= set(cossim_fast.BACKEND_NAMES)
     if not torch.cuda.is_available():
         assert "cuda" not in names
+
+
+@pytest.mark.parametrize("op", ["max_forward", "update"])
+def test_a_backend_must_take_every_dtype_of_the_call(op):
+    # fp32 with a float64 partner: a backend without float64 kernels must not be chosen.
+    if isinstance(dispatch.load_backend("triton"), str):
+        pytest.skip("triton is not importable here")
+    assert dispatch.select(op, "triton", torch.device("cpu"), torch.float32).name == "triton"
+    with pytest.warns(RuntimeWarning, match=r"float32/torch.float64:\n  triton: dtype float64 is not supported"):
+        assert dispatch.select(op, "triton", torch.device("cpu"), torch.float32, torch.float64).name == "torch"
+
+
+def test_float64_bank_with_float32_features_falls_back_and_matches_the_reference():
+    if isinstance(dispatch.load_backend("triton"), str):
+        pytest.skip("triton is not importable here")
+    bank = BANK.double()
+    with pytest.warns(RuntimeWarning, match="float64 is not supported"):
+        values, indices = cossim_fast.max_cosine_similarity(FEATURES, LABELS, bank, COUNTS, backend="triton")
+    expected_values, expected_indices = cossim_fast.max_cosine_similarity(FEATURES, LABELS, bank, COUNTS, backend="reference")
+    torch.testing.assert_close(values, expected_values)
+    assert torch.equal(indices, expected_indices)

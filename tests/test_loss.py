@@ -4,7 +4,7 @@ import pytest
 import torch
 
 import cossim_fast
-from cases import DTYPES, GRAD_TOL, IGNORE, VALUE_ATOL, fused_backends, make_bank, make_rows
+from cases import DTYPES, IGNORE, VALUE_ATOL, assert_close_gradient, fused_backends, make_bank, make_rows
 from cossim_fast.backends.reference import dense_similarity
 
 BACKENDS = fused_backends("cpu")
@@ -70,7 +70,7 @@ def test_loss_and_gradient_match_reference(backend, mode, dtype):
     loss, grad = loss_and_grad(backend)
     ref_loss, ref_grad = loss_and_grad("reference")
     torch.testing.assert_close(loss, ref_loss, atol=VALUE_ATOL[dtype], rtol=0)
-    torch.testing.assert_close(grad.float(), ref_grad.float(), atol=GRAD_TOL[dtype], rtol=GRAD_TOL[dtype])
+    assert_close_gradient(grad, ref_grad, dtype)
 
 
 def test_all_mode_gradcheck_float64():

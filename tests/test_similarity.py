@@ -4,7 +4,7 @@ import pytest
 import torch
 
 import cossim_fast
-from cases import DTYPES, GRAD_TOL, IGNORE, assert_same_max, fused_backends, make_bank, make_rows
+from cases import DTYPES, IGNORE, assert_close_gradient, assert_same_max, fused_backends, make_bank, make_rows
 
 BACKENDS = fused_backends("cpu")
 
@@ -66,6 +66,24 @@ def test_slots_beyond_counts_are_never_picked(backend):
     features = bank[0, 6:7].clone()  # identical to an invalid slot
     values, indices = cossim_fast.max_cosine_similarity(features, torch.zeros(1, dtype=torch.long), bank, counts, backend=backend)
     assert 0 <= indices.item() < 3 and values.item() < 1.0
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_counts_out_of_range_with_checks_off_are_clamped(backend):
+    # check_values=False skips the counts check; no backend may then read outside a bucket.
+    bank, _ = make_bank(3, 4, 8, counts=[4, 4, 4])
+    counts = torch.tensor([-2, 9, 3])
+    features, labels = torch.randn(30, 8), torch.arange(30) % 3
+    for mode in ("max", "all"):
+        expected, actual = (
+            cossim_fast.cosine_similarity_loss(features, labels, bank, counts, -1.0, mode=mode, backend=name, check_values=False)
+            for name in ("reference", backend)
+        )
+        torch.testing.assert_close(actual, expected, rtol=1e-5, atol=1e-6)
+    expected = cossim_fast.max_cosine_similarity(features, labels, bank, counts, backend="reference", check_values=False)
+    actual = cossim_fast.max_cosine_similarity(features, labels, bank, counts, backend=backend, check_values=False)
+    assert torch.equal(actual[1], expected[1]) and (actual[1] < 4).all()
+    torch.testing.assert_close(actual[0], expected[0], rtol=1e-5, atol=1e-6)
 
 
 @pytest.mark.parametrize("backend", ["reference", *BACKENDS])
@@ -132,7 +150,7 @@ def test_gradients_match_reference(backend, dtype):
 
     grad = gradient(backend)
     assert grad.dtype == dtype
-    torch.testing.assert_close(grad.float(), gradient("reference").float(), atol=GRAD_TOL[dtype], rtol=GRAD_TOL[dtype])
+    assert_close_gradient(grad, gradient("reference"), dtype)
 
 
 @pytest.mark.parametrize("backend", BACKENDS)

@@ -79,35 +79,37 @@ def requested_backend(backend: str) -> str:
     return backend
 
 
-def select(op: str, backend: str, device: torch.device, dtype: torch.dtype) -> Backend:
-    """The backend that runs ``op`` for tensors of this device and dtype."""
+def select(op: str, backend: str, device: torch.device, dtype: torch.dtype, *more_dtypes: torch.dtype) -> Backend:
+    """The backend that runs ``op`` for tensors of this device and these dtypes (features
+    first, then e.g. the bank's: a backend must take every one of them)."""
+    dtypes = tuple(dict.fromkeys((dtype, *more_dtypes)))
     requested = requested_backend(backend)
     auto_order = AUTO_ORDER.get(device.type, DEFAULT_ORDER)
     candidates = auto_order if requested == "auto" else (requested, *auto_order)
     reasons: dict[str, list[str]] = {}
     for name in dict.fromkeys(candidates):
-        why = unsupported_reasons(name, op, device, dtype)
+        why = list(dict.fromkeys(reason for d in dtypes for reason in unsupported_reasons(name, op, device, d)))
         if not why and requested == "auto" and name != candidates[-1]:
-            if load_backend(name).auto_skip_reasons(op, device, dtype):
+            if any(load_backend(name).auto_skip_reasons(op, device, d) for d in dtypes):
                 continue
         if not why:
             # An explicit request that cannot run, or "auto" left with no fused backend, is
             # a fallback worth telling; "auto" skipping to its second choice is not.
             if reasons and (requested != "auto" or name == "torch"):
-                _fall_back(op, requested, name, reasons, device, dtype)
+                _fall_back(op, requested, name, reasons, device, dtypes)
             return load_backend(name)
         reasons[name] = why
-    raise BackendUnavailableError(_describe(op, requested, reasons, device, dtype))
+    raise BackendUnavailableError(_describe(op, requested, reasons, device, dtypes))
 
 
-def _describe(op: str, requested: str, reasons: dict[str, list[str]], device, dtype) -> str:
-    lines = [f"cossim_fast: no backend '{requested}' for {op} on {device.type} {dtype}:"]
+def _describe(op: str, requested: str, reasons: dict[str, list[str]], device, dtypes) -> str:
+    lines = [f"cossim_fast: no backend '{requested}' for {op} on {device.type} {'/'.join(map(str, dtypes))}:"]
     lines += [f"  {name}: {'; '.join(why)}" for name, why in reasons.items()]
     return "\n".join(lines)
 
 
-def _fall_back(op, requested, chosen, reasons, device, dtype) -> None:
-    message = _describe(op, requested, reasons, device, dtype) + f"\n  -> using '{chosen}'"
+def _fall_back(op, requested, chosen, reasons, device, dtypes) -> None:
+    message = _describe(op, requested, reasons, device, dtypes) + f"\n  -> using '{chosen}'"
     if _strict and requested != "auto":
         raise BackendUnavailableError(message + " is refused: strict mode (COSSIM_FAST_STRICT=1) forbids fallback")
     key = (op, requested, chosen)

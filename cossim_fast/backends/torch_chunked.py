@@ -21,13 +21,15 @@ from cossim_fast.backends.rows import chunk_length, gather_rows
 from cossim_fast.backends.schedule import group_by_class
 
 
-def class_blocks(labels: Tensor, counts: Tensor, bank: Tensor) -> Iterator[tuple[Tensor, Tensor, int]]:
+def class_blocks(
+    labels: Tensor, counts: Tensor, bank: Tensor, per_pair: int = 8, per_channel: int = 4
+) -> Iterator[tuple[Tensor, Tensor, int]]:
     """Yield ``(rows, bucket, slot_offset)``: rows of one class against a chunk of its valid slots.
 
-    The row and slot chunks are sized so a ``rows x slots`` fp32 block plus the rows' fp32 copy
-    fit the workspace.
+    The row and slot chunks are sized so that ``per_pair`` bytes per (row, slot) and
+    ``per_channel`` bytes per (row, channel), what the caller keeps alive at once, fit the workspace.
     """
-    num_classes, _, dim = bank.shape
+    num_classes, slots, dim = bank.shape
     groups = group_by_class(labels, num_classes)
     by_class = groups.rows
     host = torch.cat([groups.per_class, counts]).tolist()  # the one host sync
@@ -35,11 +37,11 @@ def class_blocks(labels: Tensor, counts: Tensor, bank: Tensor) -> Iterator[tuple
     slot_chunk = chunk_length(dim * 4 * 4)
     start = 0
     for k in range(num_classes):
-        n_rows, n_valid = rows_of[k], valid_of[k]
+        n_rows, n_valid = rows_of[k], min(max(valid_of[k], 0), slots)  # counts unchecked: clamp
         if n_valid > 0:
             for first_slot in range(0, n_valid, slot_chunk):
                 bucket = bank[k, first_slot : min(n_valid, first_slot + slot_chunk)]
-                row_chunk = chunk_length(bucket.shape[0] * 4 * 2 + dim * 4)
+                row_chunk = chunk_length(bucket.shape[0] * per_pair + dim * per_channel)
                 for first_row in range(start, start + n_rows, row_chunk):
                     yield by_class[first_row : min(start + n_rows, first_row + row_chunk)], bucket, first_slot
         start += n_rows
@@ -69,6 +71,7 @@ class TorchBackend(Backend):
             better = sims > values[rows]  # strict: an earlier chunk keeps its tie
             values[rows] = torch.where(better, sims, values[rows])
             indices[rows] = torch.where(better, best + first_slot, indices[rows])
+            del dots  # before the next chunk's block exists, not after
         return values, indices
 
     def max_backward(self, grad_values, features, labels, bank, values, indices):
@@ -80,13 +83,17 @@ class TorchBackend(Backend):
         count = torch.zeros(num_rows, dtype=torch.int64, device=labels.device)
         ssum = torch.zeros(num_rows, dtype=acc, device=labels.device)
         dsum = torch.zeros(num_rows, dim, dtype=acc, device=labels.device)
-        for rows, bucket, _ in class_blocks(labels, counts, bank):
-            dots, inv_norm = _normalized_dots(features, rows, bucket, acc)
-            sims = dots * inv_norm[:, None]
-            selected = sims > threshold
-            count[rows] += selected.sum(dim=1)
-            ssum[rows] += torch.where(selected, sims, 0).sum(dim=1)
-            dsum[rows] += selected.to(acc) @ bucket.to(acc)
+        # In place, one float block per chunk: similarities, then the selected ones, then the
+        # selection as weights (6 bytes per pair at the peak, with the two boolean masks).
+        # Per row: its fp32 copy and its share of dsum (the rows of a chunk are distinct).
+        for rows, bucket, _ in class_blocks(labels, counts, bank, per_pair=6, per_channel=8):
+            block, inv_norm = _normalized_dots(features, rows, bucket, acc)
+            block.mul_(inv_norm[:, None])
+            selected = block > threshold
+            count.index_add_(0, rows, selected.sum(dim=1))
+            ssum.index_add_(0, rows, block.masked_fill_(selected.logical_not(), 0).sum(dim=1))
+            dsum.index_add_(0, rows, block.copy_(selected) @ bucket.to(acc))
+            del block, selected  # before the next chunk's block exists, not after
         return count, ssum, dsum
 
     def all_backward(self, grad_ssum, features, ssum, dsum):

@@ -38,6 +38,13 @@ def tile_rows(tiles_ptr, sorted_rows_ptr, BLOCK_M: tl.constexpr):
 
 
 @triton.jit
+def valid_slots(counts_ptr, cls, slots):
+    """``counts[cls]`` clamped to ``[0, slots]``: with value checks off a bad count must not send
+    the kernel outside its bucket (the other backends clamp by slicing)."""
+    return tl.minimum(tl.maximum(tl.load(counts_ptr + cls), 0), slots)
+
+
+@triton.jit
 def row_inverse_norms(f_rows, row_mask, stride_fc, dim, BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr):
     """``1 / max(||f||, eps)`` per row, in fp32 (IEEE sqrt and division, as torch)."""
     sumsq = tl.zeros([BLOCK_M], dtype=tl.float32)
@@ -88,7 +95,7 @@ def streamed_dots(
 @triton.jit
 def _max_forward_kernel(
     f_ptr, stride_fb, stride_fp, stride_fc, points, dim,
-    bank_ptr, stride_bk, stride_bm, stride_bc, counts_ptr,
+    bank_ptr, stride_bk, stride_bm, stride_bc, slots_per_class, counts_ptr,
     tiles_ptr, sorted_rows_ptr, values_ptr, indices_ptr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_C: tl.constexpr,
     C_RESIDENT: tl.constexpr, UPCAST: tl.constexpr, PRECISION: tl.constexpr,
@@ -98,7 +105,7 @@ def _max_forward_kernel(
         return
     f_rows = f_ptr + (rows // points) * stride_fb + (rows % points) * stride_fp
     inv_norm = row_inverse_norms(f_rows, row_mask, stride_fc, dim, BLOCK_M, BLOCK_C)
-    n_valid = tl.load(counts_ptr + cls)
+    n_valid = valid_slots(counts_ptr, cls, slots_per_class)
     bank_cls = bank_ptr + cls * stride_bk
     if C_RESIDENT:
         offs_c = tl.arange(0, BLOCK_C)
@@ -142,7 +149,7 @@ def launch_max_forward(
     _, points, dim = features.shape
     _max_forward_kernel[(tiles.shape[0],)](
         features, *features.stride(), points, dim,
-        bank, *bank.stride(), counts,
+        bank, *bank.stride(), bank.shape[1], counts,
         tiles, sorted_rows, values, indices,
         BLOCK_M=config.block_m, BLOCK_N=config.block_n, BLOCK_C=config.block_c,
         C_RESIDENT=config.c_resident, UPCAST=precision is not None, PRECISION=precision,

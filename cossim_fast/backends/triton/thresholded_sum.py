@@ -22,6 +22,7 @@ from cossim_fast.backends.triton.max_similarity import (
     row_inverse_norms,
     streamed_dots,
     tile_rows,
+    valid_slots,
 )
 from cossim_fast.backends.triton.tiles import TileConfig
 
@@ -46,7 +47,7 @@ def _add_selected_slots(
 @triton.jit
 def _thresholded_sum_kernel(
     f_ptr, stride_fb, stride_fp, stride_fc, points, dim,
-    bank_ptr, stride_bk, stride_bm, stride_bc, counts_ptr, threshold,
+    bank_ptr, stride_bk, stride_bm, stride_bc, slots_per_class, counts_ptr, threshold,
     tiles_ptr, sorted_rows_ptr, count_ptr, ssum_ptr, dsum_ptr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_C: tl.constexpr,
     C_RESIDENT: tl.constexpr, UPCAST: tl.constexpr, PRECISION: tl.constexpr,
@@ -57,7 +58,7 @@ def _thresholded_sum_kernel(
     f_rows = f_ptr + (rows // points) * stride_fb + (rows % points) * stride_fp
     dsum_rows = dsum_ptr + rows * dim  # dsum is (N, C) contiguous
     inv_norm = row_inverse_norms(f_rows, row_mask, stride_fc, dim, BLOCK_M, BLOCK_C)
-    n_valid = tl.load(counts_ptr + cls)
+    n_valid = valid_slots(counts_ptr, cls, slots_per_class)
     bank_cls = bank_ptr + cls * stride_bk
     if C_RESIDENT:
         offs_c = tl.arange(0, BLOCK_C)
@@ -112,7 +113,7 @@ def launch_all_forward(
     _, points, dim = features.shape
     _thresholded_sum_kernel[(tiles.shape[0],)](
         features, *features.stride(), points, dim,
-        bank, *bank.stride(), counts, float(threshold),
+        bank, *bank.stride(), bank.shape[1], counts, float(threshold),
         tiles, sorted_rows, count, ssum, dsum,
         BLOCK_M=config.block_m, BLOCK_N=config.block_n, BLOCK_C=config.block_c,
         C_RESIDENT=config.c_resident, UPCAST=precision is not None, PRECISION=precision,
