@@ -14,7 +14,11 @@ def _rows(num_rows=9, requires_grad=False):
     return features.unsqueeze(0).requires_grad_(requires_grad), labels
 
 
-@pytest.mark.parametrize("backend", ["reference", "torch"])
+#: reference, torch, and triton where its interpreter runs.
+OPCHECK_BACKENDS = ["reference", *(b for b in cossim_fast.available_backends("cpu") if b != "reference")]
+
+
+@pytest.mark.parametrize("backend", OPCHECK_BACKENDS)
 def test_opcheck_forward_ops(backend):
     features, labels = _rows()
     ops = torch.ops.cossim_fast
@@ -22,7 +26,7 @@ def test_opcheck_forward_ops(backend):
     torch.library.opcheck(ops.thresholded_cosine_forward, (features, labels, BANK, COUNTS, 0.1, 255, backend, True))
 
 
-@pytest.mark.parametrize("backend", ["reference", "torch"])
+@pytest.mark.parametrize("backend", OPCHECK_BACKENDS)
 def test_opcheck_backward_ops(backend):
     features, labels = _rows()
     ops = torch.ops.cossim_fast

@@ -111,6 +111,31 @@ def test_update_between_forward_and_backward_raises(mode):
         loss.backward()
 
 
+@pytest.mark.parametrize("mode", ["max", "all"])
+def test_features_modified_in_place_keep_torchs_own_message(mode):
+    dictionary = cossim_fast.FeatureDictionary(2, 4, 3)
+    dictionary.update(*make_rows(10, 3, 2, ignore_share=0.0))
+    leaf = torch.randn(6, 3, requires_grad=True)
+    features = leaf * 1.0
+    loss = dictionary.loss(features, torch.zeros(6, dtype=torch.long), -1.0, mode=mode)
+    with torch.no_grad():
+        features.mul_(3)
+    with pytest.raises(RuntimeError, match="modified by an inplace operation") as raised:
+        loss.backward()
+    assert "dictionary bank" not in str(raised.value)
+
+
+@pytest.mark.parametrize("mode", ["max", "all"])
+def test_double_backward_is_refused_clearly(mode):
+    dictionary = cossim_fast.FeatureDictionary(2, 4, 3)
+    dictionary.update(*make_rows(10, 3, 2, ignore_share=0.0))
+    features = torch.randn(6, 3, requires_grad=True)
+    loss = dictionary.loss(features, torch.zeros(6, dtype=torch.long), -1.0, mode=mode)
+    (grad,) = torch.autograd.grad(loss, features, create_graph=True)  # first order: fine
+    with pytest.raises(RuntimeError, match="differentiable once"):
+        grad.sum().backward()
+
+
 def test_update_after_backward_is_fine():
     dictionary = cossim_fast.FeatureDictionary(2, 4, 3)
     dictionary.update(*make_rows(10, 3, 2, ignore_share=0.0))

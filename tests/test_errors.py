@@ -51,14 +51,16 @@ def test_bad_similarity_inputs(kwargs, error, match):
 
 
 def test_value_checks_can_be_switched_off():
-    bad = torch.tensor([0, 1, 2, 255, 0, 1])
-    bad_counts = torch.tensor([4, 2, 9])
-    with pytest.raises(ValueError):
-        call(counts=bad_counts)
-    call(counts=bad_counts.clamp(max=4), check_values=False)
+    bad_labels = torch.tensor([0, 1, 7, 255, 0, -1])  # 7 and -1 are neither classes nor ignore_index
+    bad_counts = torch.tensor([4, 2, 9])  # 9 > M = 4
+    nan_features = FEATURES.clone().fill_(float("nan"))
+    for bad in (dict(counts=bad_counts), dict(labels=bad_labels), dict(features=nan_features)):
+        with pytest.raises(ValueError):
+            call(**bad)
+        call(**bad, check_values=False)  # per call
     cossim_fast.set_value_checks(False)
     try:
-        call(features=FEATURES.clone().fill_(float("nan")), labels=bad)
+        call(features=nan_features, labels=bad_labels, counts=bad_counts)
     finally:
         cossim_fast.set_value_checks(True)
 

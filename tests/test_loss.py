@@ -109,3 +109,31 @@ def test_module_value_checks_follow_its_setting():
     with pytest.raises(ValueError, match="NaN or inf"):
         cossim_fast.CosineSimilarityLoss(0.5, dictionary=dictionary)(features, labels)
     cossim_fast.CosineSimilarityLoss(0.5, dictionary=dictionary, check_values=False)(features, labels)
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_torch_backend_split_into_many_chunks_matches_reference(mode, monkeypatch):
+    # The default workspace never splits these buckets; chunks of 3 rows / slots cross every
+    # chunk edge: ties across slot chunks, slot offsets, the chunked backward.
+    from cossim_fast.backends import gradients, torch_chunked
+
+    monkeypatch.setattr(torch_chunked, "chunk_length", lambda size: 3)
+    monkeypatch.setattr(gradients, "chunk_length", lambda size: 3)
+    bank, counts = make_bank(4, 17, 9, counts=[17, 8, 0, 16])
+    bank[0, 11] = bank[0, 2]  # an exact tie across slot chunks: the lower slot must win
+    features, labels = make_rows(40, 9, 4)
+    features[0], labels[0] = bank[0, 2] * 2, 0
+
+    def run(name):
+        x = features.clone().requires_grad_(True)
+        loss = cossim_fast.cosine_similarity_loss(x, labels, bank, counts, 0.05, mode=mode, backend=name)
+        loss.backward()
+        values, indices = cossim_fast.max_cosine_similarity(features, labels, bank, counts, backend=name)
+        return loss, x.grad, values, indices
+
+    loss, grad, values, indices = run("torch")
+    ref_loss, ref_grad, ref_values, ref_indices = run("reference")
+    torch.testing.assert_close(loss, ref_loss, atol=1e-6, rtol=0)
+    assert_close_gradient(grad, ref_grad, torch.float32)
+    torch.testing.assert_close(values, ref_values, atol=1e-6, rtol=0)
+    assert torch.equal(indices, ref_indices) and indices[0] == 2

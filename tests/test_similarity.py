@@ -69,11 +69,13 @@ def test_slots_beyond_counts_are_never_picked(backend):
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
-def test_counts_out_of_range_with_checks_off_are_clamped(backend):
-    # check_values=False skips the counts check; no backend may then read outside a bucket.
+def test_counts_and_labels_out_of_range_with_checks_off(backend):
+    # check_values=False skips the value checks; no backend may then read outside a bucket:
+    # counts are clamped to [0, M], labels that are no class select nothing (as the reference).
     bank, _ = make_bank(3, 4, 8, counts=[4, 4, 4])
     counts = torch.tensor([-2, 9, 3])
     features, labels = torch.randn(30, 8), torch.arange(30) % 3
+    labels[::7], labels[1::11] = 7, -1
     for mode in ("max", "all"):
         expected, actual = (
             cossim_fast.cosine_similarity_loss(features, labels, bank, counts, -1.0, mode=mode, backend=name, check_values=False)

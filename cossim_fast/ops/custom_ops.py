@@ -84,6 +84,18 @@ def _(grad_ssum, features, ssum, dsum, backend):
     return features.new_empty(dsum.shape[0], features.shape[2])
 
 
+def _no_second_derivative(ctx, *grads):
+    raise RuntimeError(
+        "cossim_fast: the cosine-similarity loss is differentiable once; its gradient (from "
+        "backward with create_graph=True) cannot be differentiated again"
+    )
+
+
+# Reached only when a gradient computed with create_graph=True is itself differentiated.
+max_cosine_backward.register_autograd(_no_second_derivative)
+thresholded_cosine_backward.register_autograd(_no_second_derivative)
+
+
 @torch.library.custom_op("cossim_fast::update_dictionary", mutates_args=("bank", "counts", "ptr"))
 def update_dictionary(
     bank: Tensor,

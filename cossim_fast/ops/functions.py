@@ -21,11 +21,18 @@ STALE_BANK = (
 )
 
 
+def _remember_bank(ctx, bank: Tensor) -> None:
+    # torch.compile cannot trace the version counter: there, any in-place change names the bank.
+    ctx.bank_version = None if torch.compiler.is_compiling() else (bank, bank._version)
+
+
 def _saved(ctx) -> tuple[Tensor, ...]:
     try:
         return ctx.saved_tensors
     except RuntimeError as error:
-        if "modified by an inplace operation" in str(error):
+        # Only a changed bank gets the dictionary message; e.g. features modified in place keep torch's.
+        bank_changed = ctx.bank_version is None or ctx.bank_version[0]._version != ctx.bank_version[1]
+        if "modified by an inplace operation" in str(error) and bank_changed:
             raise RuntimeError(STALE_BANK) from error
         raise
 
@@ -37,6 +44,7 @@ class MaxCosineSimilarity(torch.autograd.Function):
     def forward(ctx, features, labels, bank, counts, ignore_index: int, backend: str, check_values: bool):
         values, indices = _ops.max_cosine_forward(features, labels, bank, counts, ignore_index, backend, check_values)
         ctx.save_for_backward(features, labels, bank, values, indices)
+        _remember_bank(ctx, bank)
         ctx.backend = backend
         ctx.mark_non_differentiable(indices)
         return values, indices
@@ -58,6 +66,7 @@ class ThresholdedCosineSum(torch.autograd.Function):
         )
         # The bank is saved only for the version check: dsum was summed from it.
         ctx.save_for_backward(features, ssum, dsum, bank)
+        _remember_bank(ctx, bank)
         ctx.backend = backend
         ctx.mark_non_differentiable(count)
         return count, ssum

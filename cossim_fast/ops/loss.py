@@ -72,6 +72,7 @@ def loss_terms(
 def reduce_terms(loss_sum: Tensor, selected: Tensor, labels: Tensor, num_classes: int, reduction: str) -> Tensor:
     """``"mean"`` pools all selected terms; ``"class_mean"`` averages within each class first,
     then over the classes with a selected term, so frequent classes cannot dominate."""
+    inputs.check_choice("reduction", reduction, inputs.REDUCTIONS)
     if reduction == "mean":
         return loss_sum.sum() / selected.sum().clamp(min=1)
     in_range = (labels >= 0) & (labels < num_classes)
