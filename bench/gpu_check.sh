@@ -31,8 +31,8 @@ PY=${PYTHON:-$(command -v python3 || command -v python)}
 export PYTHONPATH="$ROOT${PYTHONPATH:+:$PYTHONPATH}"
 export PYTHONUNBUFFERED=1
 
-# GPU_CHECK_EXTRA=1 adds compute-sanitizer and the autotune check (for a 600-second call);
-# without them the check stays inside 8 minutes.
+# GPU_CHECK_EXTRA=1 adds compute-sanitizer and the autotune check after every other step
+# (for a 600-second call); the other steps take the same time either way, inside 8 minutes.
 EXTRA=${GPU_CHECK_EXTRA:-0}
 if [ "$EXTRA" = 1 ]; then DEFAULT_TOTAL=560; else DEFAULT_TOTAL=470; fi
 TOTAL=${GPU_CHECK_TOTAL_S:-$DEFAULT_TOTAL}   # all steps together, seconds
@@ -84,14 +84,6 @@ $PY -c "import pytest_timeout" 2>/dev/null && PER_TEST=(--timeout=60)
 step triton_tests 90 $PY -m pytest -q -p no:cacheprovider ${PER_TEST[@]+"${PER_TEST[@]}"} --junitxml="$OUT/triton_tests.xml" tests/triton
 step cuda_tests 80 $PY -m pytest -q -p no:cacheprovider ${PER_TEST[@]+"${PER_TEST[@]}"} --junitxml="$OUT/cuda_tests.xml" \
     tests/test_cuda_backend.py tests/test_gpu.py tests/test_extension.py tests/test_dispatch.py tests/test_errors.py
-if [ "$EXTRA" = 1 ]; then
-    # memcheck over the CUDA kernels' edge cases (tile tails, M below a tile, ties, empty inputs),
-    # without PyTorch's caching allocator so that out-of-bounds accesses hit unallocated memory.
-    # (compute-sanitizer has refused the device on some of these machines: the log says so.)
-    SANITIZER=$(command -v compute-sanitizer || echo "${CUDA_HOME:-/usr/local/cuda}/bin/compute-sanitizer")
-    step sanitizer 50 env PYTORCH_NO_CUDA_MEMORY_CACHING=1 "$SANITIZER" --tool memcheck --error-exitcode 9 \
-        $PY -m pytest -q -p no:cacheprovider tests/test_cuda_backend.py -m gpu -k "m_below_tile or ties or empty_inputs"
-fi
 # Triton kernels as this triton compiles them (the CUDA kernels: same nvcc as at home, README).
 step resources 30 $PY -m bench.resources --only triton --arch "$(echo "${ARCH:-9.0}" | tr -d .)" --json "$OUT/resources.json"
 # bf16 before fp32 and C = 256 before 2048: a cut-short run keeps the most important cases.
@@ -102,12 +94,20 @@ step bench_cuda 40 $PY -m bench.run --grid gpu --device cuda --ops $OPS --impls 
 RESULTS=("$OUT/bench.json")
 [ -f "$OUT/bench_cuda.json" ] && RESULTS+=("$OUT/bench_cuda.json")
 step targets 10 $PY -m bench.targets "${RESULTS[@]}" --json "$OUT/targets.json"
+step frontier 20 $PY -m bench.frontier --device cuda --budget-mib 1024 --M 4096 --dtype bf16 --tol 0.1 --time-budget 12 --json "$OUT/frontier.json"
+step report 15 $PY -m bench.report "${RESULTS[@]}" --out "$OUT/report" --print --print-ops max-fwd,max-fwd_bwd,all-fwd_bwd,update
+
+# The extras last: the core results above are complete whether or not they fit the time left.
 if [ "$EXTRA" = 1 ]; then
+    # memcheck over the CUDA kernels' edge cases (tile tails, M below a tile, ties, empty inputs),
+    # without PyTorch's caching allocator so that out-of-bounds accesses hit unallocated memory.
+    # (compute-sanitizer has refused the device on some of these machines: the log says so.)
+    SANITIZER=$(command -v compute-sanitizer || echo "${CUDA_HOME:-/usr/local/cuda}/bin/compute-sanitizer")
+    step sanitizer 50 env PYTORCH_NO_CUDA_MEMORY_CACHING=1 "$SANITIZER" --tool memcheck --error-exitcode 9 \
+        $PY -m pytest -q -p no:cacheprovider tests/test_cuda_backend.py -m gpu -k "m_below_tile or ties or empty_inputs"
     # The Triton forward's default tiles against autotuning (compiles every candidate: bf16 only).
     step autotune 45 $PY -m bench.autotune_check --dtype bf16 --json "$OUT/autotune.json"
 fi
-step frontier 20 $PY -m bench.frontier --device cuda --budget-mib 1024 --M 4096 --dtype bf16 --tol 0.1 --time-budget 12 --json "$OUT/frontier.json"
-step report 15 $PY -m bench.report "${RESULTS[@]}" --out "$OUT/report" --print --print-ops max-fwd,max-fwd_bwd,all-fwd_bwd,update
 
 {
     echo
