@@ -4,7 +4,10 @@ For each shape: the median time of the forward with the default candidate of its
 then with autotuning on (the first call tunes; timed after it), the candidate chosen and the
 speed-up. A default that loses clearly to another candidate is the next default to change.
 
-    python -m bench.autotune_check [--N 131072] [--M 4096] [--C 256,2048] [--dtype bf16] [--json out.json]
+    python -m bench.autotune_check [--N 16384,131072] [--M 4096] [--C 256,2048] [--dtype bf16] [--json out.json]
+
+At training sizes (N of about 16k rows) the slot-split candidates of the "max" mode are the ones
+to watch: they exist for grids too small to fill the GPU.
 """
 
 from __future__ import annotations
@@ -56,7 +59,7 @@ def check(rows: int, slots: int, dim: int, dtype: str, mode: str) -> dict:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m bench.autotune_check", description=__doc__.splitlines()[0])
-    parser.add_argument("--N", type=int, default=131072)
+    parser.add_argument("--N", default="16384,131072", help="target rows, comma-separated")
     parser.add_argument("--M", type=int, default=4096)
     parser.add_argument("--C", default="256,2048")
     parser.add_argument("--dtype", default="bf16", choices=tuple(harness.DTYPES))
@@ -67,12 +70,13 @@ def main(argv: list[str] | None = None) -> int:
         parser.error("needs a CUDA GPU (autotuning times candidates with CUDA events)")
     harness.configure_for_benchmarks(False)
     results = []
-    print("| mode | C | dtype | default | default ms | chosen | tuned ms | speed-up |\n|---|---|---|---|---|---|---|---|")
-    for dim in (int(c) for c in args.C.split(",")):
+    print("| mode | N | C | dtype | default | default ms | chosen | tuned ms | speed-up |\n|---|---|---|---|---|---|---|---|---|")
+    shapes = [(int(n), int(c)) for n in args.N.split(",") for c in args.C.split(",")]
+    for rows, dim in shapes:
         for mode in args.modes.split(","):
-            result = check(args.N, args.M, dim, args.dtype, mode)
+            result = check(rows, args.M, dim, args.dtype, mode)
             results.append(result)
-            print(f"| {mode} | {dim} | {args.dtype} | {result['default']} | {result['default_ms']:.3f} | "
+            print(f"| {mode} | {rows} | {dim} | {args.dtype} | {result['default']} | {result['default_ms']:.3f} | "
                   f"{result['chosen']} | {result['tuned_ms']:.3f} | {result['speedup']:.2f}x |", flush=True)
             if args.json:
                 with open(args.json, "w") as handle:

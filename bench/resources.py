@@ -214,7 +214,7 @@ def triton_launches() -> list[tuple[str, object, tuple, dict]]:
 
     from cossim_fast.backends.triton import backend, backward, max_similarity, ring_buffer, thresholded_sum, tiles
 
-    kernels = (max_similarity._max_forward_kernel, thresholded_sum._thresholded_sum_kernel,
+    kernels = (max_similarity._max_forward_kernel, max_similarity._merge_splits_kernel, thresholded_sum._thresholded_sum_kernel,
                backward._row_gradient_kernel, ring_buffer._ring_buffer_kernel)
     triton = backend.TritonBackend()
     launches = []

@@ -134,6 +134,23 @@ def test_triton_extra_memory_per_row(op):
     assert per_row < WORKSPACE_BYTES_PER_ROW, f"{op}: {per_row:.1f} bytes per row"
 
 
+def test_triton_slot_splits_extra_memory_per_row(monkeypatch):
+    # The largest split of the tile space: 4 int64 keys and a norm per row on top.
+    pytest.importorskip("triton")
+    import dataclasses
+
+    import cossim_fast
+    from cossim_fast.backends.triton import backend, tiles
+
+    if "triton" not in cossim_fast.available_backends("cpu"):
+        pytest.skip("Triton's interpreter is off")
+    splits = max(config.slot_splits for config in tiles.space("max", 32, True))
+    config = dataclasses.replace(tiles.interpreter_config(32), slot_splits=splits)
+    monkeypatch.setattr(backend, "forward_config", lambda *args: config)
+    per_row = _fused_call_workspace("triton", "max_forward", 6000)
+    assert per_row < WORKSPACE_BYTES_PER_ROW, f"{splits} splits: {per_row:.1f} bytes per row"
+
+
 def test_allocation_ledger_sees_allocations_views_and_frees():
     import torch
 

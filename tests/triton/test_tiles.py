@@ -7,6 +7,8 @@ for sm_90 without spills is checked by ``bench/test_resources.py``.
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import pytest
 import torch
 
@@ -77,12 +79,36 @@ def test_all_forward_repeated_launches_do_not_accumulate(device, monkeypatch):
 def test_space_defaults_and_fixed_reduction_chunk():
     for mode, sixteen_bit, dim in REGIMES:
         candidates = tiles.space(mode, dim, sixteen_bit)
-        assert 1 <= len(candidates) <= 4 and len(set(candidates)) == len(candidates)
+        tile_shapes = [config for config in candidates if config.slot_splits == 1]
+        assert 1 <= len(tile_shapes) <= 4 and len(set(candidates)) == len(candidates)
         assert len({config.block_c for config in candidates}) == 1, "BLOCK_C must not depend on the candidate"
         assert len({config.c_resident for config in candidates}) == 1
+        splits = [config for config in candidates if config.slot_splits > 1]
+        assert all(replace(config, slot_splits=1) == candidates[0] for config in splits)  # the default's tiles
+        assert {config.slot_splits for config in splits} == ({2, 4} if mode == "max" else set())
     assert tiles.space("max", 256, True)[0].c_resident and not tiles.space("max", 257, True)[0].c_resident
     with pytest.raises(ValueError, match="mode must be 'max' or 'all'"):
         tiles.space("mean", 64, True)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_slot_splits_give_the_one_program_result_bit_for_bit(dtype, device, monkeypatch):
+    # Splits that get no slots (a one-slot bucket over 4 splits), a tie across split boundaries,
+    # an empty bucket: the merged winner is the single program's, value and slot.
+    features, labels, bank, counts = make_case(4, 150, 40, [150, 0, 67, 1], 180, dtype=dtype, device=device, seed=5)
+    bank[0, 140] = bank[0, 3]  # slots 3 and 140 fall in different splits: the lower one wins
+    features[0, 0] = bank[0, 3].to(dtype) * 3
+    labels.view(-1)[0] = 0
+    base = tiles.interpreter_config(40)
+    results = {}
+    for splits in (1, 2, 3, 4):
+        monkeypatch.setattr(triton_backend, "forward_config", lambda *args, splits=splits: replace(base, slot_splits=splits))
+        results[splits] = TRITON.max_forward(features, labels, bank, counts, IGNORE)
+    for splits in (2, 3, 4):
+        assert torch.equal(results[splits][0], results[1][0]) and torch.equal(results[splits][1], results[1][1]), splits
+    if dtype == torch.float32:  # the interpreter's fp16 dots differ in the last bit between slot tiles
+        assert results[1][1].view(-1)[0] == 3
 
 
 def test_without_autotune_the_default_is_used_and_nothing_runs():

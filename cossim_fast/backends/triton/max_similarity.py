@@ -8,6 +8,13 @@ so no normalized copy of the features exists. Two regimes, by ``C``:
 - ``C_RESIDENT``: the whole ``BLOCK_M x C`` row tile is loaded once and stays in registers;
 - otherwise each slot tile is a small GEMM with a loop over ``C`` in ``BLOCK_C`` chunks.
 
+With ``slot_splits = S > 1`` (an autotune candidate for small N, where the (class, row tile)
+grid alone cannot fill the GPU) each row tile gets S programs, each over a contiguous share of
+the slots; each writes its row maxima packed as int64 keys (value bits made orderable, then the
+slot inverted, so a larger key is a larger value or, on a tie, a lower slot) and a second
+kernel takes the max of the S keys per row: no atomics, the same winner and value bit for bit
+as one program, 8 bytes per row and split plus 4 for the row norms.
+
 Only tile sizes are compile-time constants: sizes, strides and ``counts`` are runtime values,
 so a new class histogram never recompiles. Tile sizes: ``tiles.py``. The helpers here are shared
 with ``thresholded_sum``.
@@ -15,6 +22,7 @@ with ``thresholded_sum``.
 
 from __future__ import annotations
 
+import torch
 import triton
 import triton.language as tl
 from torch import Tensor
@@ -22,6 +30,7 @@ from torch import Tensor
 from cossim_fast.backends.triton.tiles import TileConfig
 
 EPS = tl.constexpr(1e-12)  # as torch.nn.functional.normalize
+NO_WINNER = tl.constexpr(-(2**63))  # the packed key of a split without a slot: below every other
 
 
 @triton.jit
@@ -96,9 +105,9 @@ def streamed_dots(
 def _max_forward_kernel(
     f_ptr, stride_fb, stride_fp, stride_fc, points, dim,
     bank_ptr, stride_bk, stride_bm, stride_bc, slots_per_class, counts_ptr,
-    tiles_ptr, sorted_rows_ptr, values_ptr, indices_ptr,
+    tiles_ptr, sorted_rows_ptr, values_ptr, indices_ptr, keys_ptr, norms_ptr, num_rows,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_C: tl.constexpr,
-    C_RESIDENT: tl.constexpr, UPCAST: tl.constexpr, PRECISION: tl.constexpr,
+    C_RESIDENT: tl.constexpr, UPCAST: tl.constexpr, PRECISION: tl.constexpr, SPLITS: tl.constexpr,
 ):
     cls, rows, row_mask = tile_rows(tiles_ptr, sorted_rows_ptr, BLOCK_M)
     if cls < 0:
@@ -110,11 +119,20 @@ def _max_forward_kernel(
     if C_RESIDENT:
         offs_c = tl.arange(0, BLOCK_C)
         a = load_features(f_rows, row_mask, stride_fc, offs_c, dim, UPCAST)
+    # This program's slots [lo, hi): all of them (a literal 0 start keeps the slot tiles'
+    # alignment visible to the compiler), or a share of whole slot tiles (empty past the last slot).
+    if SPLITS == 1:
+        lo = 0
+        hi = n_valid
+    else:
+        share = tl.cdiv(tl.cdiv(n_valid, SPLITS), BLOCK_N) * BLOCK_N
+        lo = tl.program_id(1) * share
+        hi = tl.minimum(lo + share, n_valid)
     best = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
     best_slot = tl.full([BLOCK_M], -1, dtype=tl.int64)
-    for first in range(0, n_valid, BLOCK_N):
+    for first in range(lo, hi, BLOCK_N):
         slots = first + tl.arange(0, BLOCK_N)
-        slot_mask = slots < n_valid
+        slot_mask = slots < hi
         if C_RESIDENT:
             b = load_slots(bank_cls, slots, slot_mask, stride_bm, stride_bc, offs_c, dim, UPCAST)
             dots = tl.dot(a, b, input_precision=PRECISION)
@@ -129,9 +147,47 @@ def _max_forward_kernel(
         better = tile_best > best  # strict: on a tie the earlier tile (lower slot) stays
         best = tl.where(better, tile_best, best)
         best_slot = tl.where(better, first + tile_slot, best_slot)
+    if SPLITS == 1:
+        store_winner(values_ptr, indices_ptr, rows, row_mask, best, best_slot, inv_norm)
+    else:
+        split = tl.program_id(1)
+        tl.store(keys_ptr + split * num_rows + rows, _pack(best, best_slot), mask=row_mask)
+        if split == 0:
+            tl.store(norms_ptr + rows, inv_norm, mask=row_mask)
+
+
+@triton.jit
+def store_winner(values_ptr, indices_ptr, rows, row_mask, best, best_slot, inv_norm):
     # No winner (empty bucket): -inf, even where inv_norm is 0 (a norm overflowing fp32).
     tl.store(values_ptr + rows, tl.where(best_slot >= 0, best * inv_norm, float("-inf")), mask=row_mask)
     tl.store(indices_ptr + rows, best_slot, mask=row_mask)
+
+
+@triton.jit
+def _pack(best, best_slot):
+    """(raw max, slot) as one int64 key ordered by value, then by lower slot."""
+    bits = best.to(tl.int32, bitcast=True)
+    ordered = tl.where(bits >= 0, bits, bits ^ 0x7FFFFFFF)  # float order as signed integer order
+    key = (ordered.to(tl.int64) << 32) | ((~best_slot) & 0xFFFFFFFF)
+    return tl.where(best_slot >= 0, key, NO_WINNER)
+
+
+@triton.jit
+def _merge_splits_kernel(
+    keys_ptr, norms_ptr, num_rows, tiles_ptr, sorted_rows_ptr, values_ptr, indices_ptr,
+    BLOCK_M: tl.constexpr, SPLITS: tl.constexpr,
+):
+    cls, rows, row_mask = tile_rows(tiles_ptr, sorted_rows_ptr, BLOCK_M)
+    if cls < 0:
+        return
+    key = tl.load(keys_ptr + rows, mask=row_mask, other=NO_WINNER)
+    for split in tl.static_range(1, SPLITS):
+        key = tl.maximum(key, tl.load(keys_ptr + split * num_rows + rows, mask=row_mask, other=NO_WINNER))
+    ordered = (key >> 32).to(tl.int32)
+    best = tl.where(ordered >= 0, ordered, ordered ^ 0x7FFFFFFF).to(tl.float32, bitcast=True)
+    best_slot = tl.where(key != NO_WINNER, 0xFFFFFFFF - (key & 0xFFFFFFFF), -1)
+    inv_norm = tl.load(norms_ptr + rows, mask=row_mask, other=0.0)
+    store_winner(values_ptr, indices_ptr, rows, row_mask, best, best_slot, inv_norm)
 
 
 def launch_max_forward(
@@ -147,11 +203,21 @@ def launch_max_forward(
 ) -> None:
     """Fill ``values``/``indices`` (pre-set to ``-inf``/``-1``) for the scheduled rows."""
     _, points, dim = features.shape
-    _max_forward_kernel[(tiles.shape[0],)](
+    splits, num_rows = config.slot_splits, values.shape[0]
+    if splits > 1:  # every scheduled row gets a key from every split: no initialization needed
+        keys = torch.empty(splits, num_rows, dtype=torch.int64, device=values.device)
+        norms = torch.empty(num_rows, dtype=torch.float32, device=values.device)
+    else:
+        keys, norms = indices, values  # not read or written
+    _max_forward_kernel[(tiles.shape[0], splits)](
         features, *features.stride(), points, dim,
         bank, *bank.stride(), bank.shape[1], counts,
-        tiles, sorted_rows, values, indices,
+        tiles, sorted_rows, values, indices, keys, norms, num_rows,
         BLOCK_M=config.block_m, BLOCK_N=config.block_n, BLOCK_C=config.block_c,
-        C_RESIDENT=config.c_resident, UPCAST=precision is not None, PRECISION=precision,
+        C_RESIDENT=config.c_resident, UPCAST=precision is not None, PRECISION=precision, SPLITS=splits,
         num_warps=config.num_warps, num_stages=config.num_stages,
     )
+    if splits > 1:
+        _merge_splits_kernel[(tiles.shape[0],)](
+            keys, norms, num_rows, tiles, sorted_rows, values, indices, BLOCK_M=config.block_m, SPLITS=splits
+        )

@@ -20,7 +20,7 @@ from __future__ import annotations
 import os
 import statistics
 from collections.abc import Callable, Hashable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 import triton
@@ -41,12 +41,15 @@ class TileConfig:
     c_resident: bool
     num_warps: int
     num_stages: int
+    #: Programs per row tile, each over a share of the slots ("max" mode only; see max_similarity).
+    slot_splits: int = 1
 
     def __str__(self) -> str:
         regime = "resident" if self.c_resident else "streamed"
+        splits = f" splits={self.slot_splits}" if self.slot_splits > 1 else ""
         return (
             f"{self.block_m}x{self.block_n}x{self.block_c} {regime} "
-            f"warps={self.num_warps} stages={self.num_stages}"
+            f"warps={self.num_warps} stages={self.num_stages}{splits}"
         )
 
 
@@ -66,26 +69,36 @@ def space(mode: str, dim: int, sixteen_bit: bool) -> tuple[TileConfig, ...]:
     ``sixteen_bit``: the dots take native bf16/fp16 tiles; otherwise fp32 tiles at an explicit
     precision (fp32 operands hold twice the registers, so the tiles are smaller).
     """
-    padded = padded_dim(dim)
     if mode == "max":
-        if sixteen_bit:
-            if padded <= 128:
-                return _resident(padded, ((128, 64, 8, 2), (64, 64, 4, 2), (64, 128, 8, 2)))
-            if padded <= 256:
-                return _resident(padded, ((64, 64, 4, 2), (64, 64, 8, 2), (128, 64, 8, 2), (64, 128, 8, 2)))
-            return _streamed(64, ((128, 128, 8, 3), (128, 64, 8, 3), (64, 64, 4, 3), (128, 128, 8, 4)))
-        if padded <= 64:
-            return _resident(padded, ((32, 32, 4, 2), (64, 32, 8, 2)))
-        return _streamed(32, ((64, 64, 8, 3), (128, 64, 8, 3), (64, 32, 4, 3)))
+        # The default tiles over 2 and 4 slot shares: for small N, whose (class, row tile) grid
+        # alone leaves SMs idle (the same dots, so the same result bit for bit).
+        tiled = _max_tiles(padded_dim(dim), sixteen_bit)
+        return tiled + tuple(replace(tiled[0], slot_splits=splits) for splits in (2, 4))
     if mode == "all":
-        if sixteen_bit:
-            if padded <= 128:
-                return _resident(padded, ((64, 64, 8, 2), (64, 32, 4, 2)))
-            return _streamed(64, ((64, 128, 8, 2), (128, 64, 8, 2), (64, 64, 4, 2), (128, 128, 8, 3)))
-        if padded <= 64:
-            return _resident(padded, ((32, 32, 4, 2),))
-        return _streamed(32, ((64, 32, 4, 2), (32, 32, 4, 2)))  # larger tiles spill at tf32x3
+        return _all_tiles(padded_dim(dim), sixteen_bit)
     raise ValueError(f"mode must be 'max' or 'all', got {mode!r}")
+
+
+def _max_tiles(padded: int, sixteen_bit: bool) -> tuple[TileConfig, ...]:
+    if sixteen_bit:
+        if padded <= 128:
+            return _resident(padded, ((128, 64, 8, 2), (64, 64, 4, 2), (64, 128, 8, 2)))
+        if padded <= 256:
+            return _resident(padded, ((64, 64, 4, 2), (64, 64, 8, 2), (128, 64, 8, 2), (64, 128, 8, 2)))
+        return _streamed(64, ((128, 128, 8, 3), (128, 64, 8, 3), (64, 64, 4, 3), (128, 128, 8, 4)))
+    if padded <= 64:
+        return _resident(padded, ((32, 32, 4, 2), (64, 32, 8, 2)))
+    return _streamed(32, ((64, 64, 8, 3), (128, 64, 8, 3), (64, 32, 4, 3)))
+
+
+def _all_tiles(padded: int, sixteen_bit: bool) -> tuple[TileConfig, ...]:
+    if sixteen_bit:
+        if padded <= 128:
+            return _resident(padded, ((64, 64, 8, 2), (64, 32, 4, 2)))
+        return _streamed(64, ((64, 128, 8, 2), (128, 64, 8, 2), (64, 64, 4, 2), (128, 128, 8, 3)))
+    if padded <= 64:
+        return _resident(padded, ((32, 32, 4, 2),))
+    return _streamed(32, ((64, 32, 4, 2), (32, 32, 4, 2)))  # larger tiles spill at tf32x3
 
 
 def _resident(padded: int, shapes) -> tuple[TileConfig, ...]:
