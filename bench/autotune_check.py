@@ -4,7 +4,7 @@ For each shape: the median time of the forward with the default candidate of its
 then with autotuning on (the first call tunes; timed after it), the candidate chosen and the
 speed-up. A default that loses clearly to another candidate is the next default to change.
 
-    python -m bench.autotune_check [--N 16384,131072] [--M 4096] [--C 256,2048] [--dtype bf16] [--json out.json]
+    python -m bench.autotune_check [--N 131072,16384] [--M 4096] [--C 256,2048] [--dtype bf16] [--json out.json]
 
 At training sizes (N of about 16k rows) the slot-split candidates of the "max" mode are the ones
 to watch: they exist for grids too small to fill the GPU.
@@ -59,7 +59,7 @@ def check(rows: int, slots: int, dim: int, dtype: str, mode: str) -> dict:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m bench.autotune_check", description=__doc__.splitlines()[0])
-    parser.add_argument("--N", default="16384,131072", help="target rows, comma-separated")
+    parser.add_argument("--N", default="131072,16384", help="target rows, comma-separated (the targets' N first)")
     parser.add_argument("--M", type=int, default=4096)
     parser.add_argument("--C", default="256,2048")
     parser.add_argument("--dtype", default="bf16", choices=tuple(harness.DTYPES))

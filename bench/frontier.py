@@ -11,9 +11,10 @@ with ``build(N) -> callable`` and ``lower_bound_bytes(N)``. ``train``: one itera
 maps hold N pixels: what "train at higher resolution under a memory limit" means in numbers.
 
 How "fits" is decided:
-- GPU: in this process, ``torch.cuda.set_per_process_memory_fraction`` caps the caching allocator
-  at the budget (plus what was allocated before), so going over raises OutOfMemoryError; a step
-  fits when it finishes and ``max_memory_allocated`` beyond the start is within the budget.
+- GPU: in this process, ``torch.cuda.set_per_process_memory_fraction`` caps the caching allocator's
+  reserved memory at the budget plus what was reserved before plus an eighth for segment rounding
+  (at least 64 MiB), so going well over raises OutOfMemoryError; a step fits when it finishes and
+  ``max_memory_allocated`` beyond the start is within the budget.
 - CPU: each probe runs in a fresh process (``bench/memprobe.py``); it fits when its peak resident
   memory beyond the interpreter's own (VmHWM after a reset, inputs included) is within the
   budget. An RLIMIT_DATA cap well above the budget keeps a runaway probe from eating the machine.
@@ -250,7 +251,10 @@ class CudaMeasurer:
         gc.collect()
         torch.cuda.empty_cache()
         base = torch.cuda.memory_allocated()
-        torch.cuda.set_per_process_memory_fraction(min(1.0, (base + self.budget) / self.total))
+        # The fraction caps reserved memory (whole segments, fragmentation included); "fits" is
+        # judged on allocated memory below, so the cap leaves the allocator some room above it.
+        cap = torch.cuda.memory_reserved() + self.budget + max(64 * 2**20, self.budget // 8)
+        torch.cuda.set_per_process_memory_fraction(min(1.0, cap / self.total))
         torch.cuda.reset_peak_memory_stats()
         started = time.perf_counter()
         try:

@@ -417,6 +417,7 @@ def cuda_peak(case: Case) -> dict:
     forward for ``bwd``), after one warm-up call (compilation and autotuning not counted)."""
     prepared = prepare(case)
     call_once(prepared)
+    problem_for(case).features.grad = None  # the warm-up's gradient: the measured call makes its own
     gc.collect()
     torch.cuda.synchronize()
     args, kwargs = prepared.setup() if prepared.setup else ((), {})

@@ -106,8 +106,10 @@ def markdown(rows: list[dict], machine: dict, skipped: list[dict]) -> str:
     lines += [
         (
             "Times in ms (median, p20-p80 over the rounds); peak = memory beyond the inputs during one call "
-            "(GPU: max_memory_allocated; CPU: peak RSS of a fresh process); TFLOP/s = 2*N_valid*M*C per forward "
-            "over the median. Ratios: this implementation over `reference` and over `per_class`."
+            "(GPU: max_memory_allocated; CPU: peak RSS of a fresh process); TFLOP/s = 2*N_valid*M*C (the useful "
+            "work of one forward: each row against its own class's bucket) over the median, for fwd_bwd "
+            "too (so the figure is the step's throughput, not the hardware's rate; the reference executes "
+            "K times that work). Ratios: this implementation over `reference` and over `per_class`."
         ),
         "",
         "| op | N | M | C | dtype | impl | median ms | p20-p80 ms | TFLOP/s | peak MiB | time / ref | mem / ref | time / per_class | mem / per_class |",

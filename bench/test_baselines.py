@@ -159,3 +159,12 @@ def test_targets_and_auto_rule():
     rule = {(r["op"], r["C"]): r["faster"] for r in targets.auto_rule(rows)}
     assert rule == {("max-fwd_bwd", 256): "triton", ("max-fwd", 256): "cuda"}
     assert "| triton | fwd+bwd vs per-class |" in targets.markdown(targets.evaluate(rows), targets.auto_rule(rows))
+    # What could not be checked says so, with the reason the run recorded.
+    missing = {"max-fwd_bwd-cuda-N131072-M4096-C2048-bf16": "not run (time budget spent)"}
+    checks = {(c["backend"], c["target"], c["C"]): c for c in targets.evaluate(rows, missing)}
+    assert checks[("cuda", "fwd+bwd vs per-class", 2048)]["met"] is None
+    assert checks[("cuda", "fwd+bwd vs per-class", 2048)]["why"] == "cuda: not run (time budget spent)"
+    assert checks[("triton", "forward vs cuBLAS class GEMMs", 2048)]["why"] == "triton: no result; class_gemm: no result"
+    assert checks[("cuda", "extra memory per row", 256)]["why"] == "cuda: no peak memory recorded"
+    assert ("triton", "fwd+bwd vs per-class", 256) in checks and all(c["op"] != "all-fwd_bwd" for c in checks.values())
+    assert "not measured: cuda: not run" in targets.markdown(list(checks.values()), [])
