@@ -100,12 +100,15 @@ def test_state_dict_round_trip():
     assert torch.equal(restored.bank, dictionary.bank) and torch.equal(restored.ptr, dictionary.ptr)
 
 
-@pytest.mark.parametrize("mode", ["max", "all"])
-def test_update_between_forward_and_backward_raises(mode):
+def _filled_dictionary_and_loss(mode: str, features: torch.Tensor):
     dictionary = cossim_fast.FeatureDictionary(2, 4, 3)
     dictionary.update(*make_rows(10, 3, 2, ignore_share=0.0))
-    features = torch.randn(6, 3, requires_grad=True)
-    loss = dictionary.loss(features, torch.zeros(6, dtype=torch.long), -1.0, mode=mode)
+    return dictionary, dictionary.loss(features, torch.zeros(6, dtype=torch.long), -1.0, mode=mode)
+
+
+@pytest.mark.parametrize("mode", ["max", "all"])
+def test_update_between_forward_and_backward_raises(mode):
+    dictionary, loss = _filled_dictionary_and_loss(mode, torch.randn(6, 3, requires_grad=True))
     dictionary.update(*make_rows(10, 3, 2, ignore_share=0.0))
     with pytest.raises(RuntimeError, match="dictionary bank was modified"):
         loss.backward()
@@ -113,11 +116,8 @@ def test_update_between_forward_and_backward_raises(mode):
 
 @pytest.mark.parametrize("mode", ["max", "all"])
 def test_features_modified_in_place_keep_torchs_own_message(mode):
-    dictionary = cossim_fast.FeatureDictionary(2, 4, 3)
-    dictionary.update(*make_rows(10, 3, 2, ignore_share=0.0))
-    leaf = torch.randn(6, 3, requires_grad=True)
-    features = leaf * 1.0
-    loss = dictionary.loss(features, torch.zeros(6, dtype=torch.long), -1.0, mode=mode)
+    features = torch.randn(6, 3, requires_grad=True) * 1.0  # not a leaf: may change in place
+    _, loss = _filled_dictionary_and_loss(mode, features)
     with torch.no_grad():
         features.mul_(3)
     with pytest.raises(RuntimeError, match="modified by an inplace operation") as raised:
@@ -127,10 +127,8 @@ def test_features_modified_in_place_keep_torchs_own_message(mode):
 
 @pytest.mark.parametrize("mode", ["max", "all"])
 def test_double_backward_is_refused_clearly(mode):
-    dictionary = cossim_fast.FeatureDictionary(2, 4, 3)
-    dictionary.update(*make_rows(10, 3, 2, ignore_share=0.0))
     features = torch.randn(6, 3, requires_grad=True)
-    loss = dictionary.loss(features, torch.zeros(6, dtype=torch.long), -1.0, mode=mode)
+    _, loss = _filled_dictionary_and_loss(mode, features)
     (grad,) = torch.autograd.grad(loss, features, create_graph=True)  # first order: fine
     with pytest.raises(RuntimeError, match="differentiable once"):
         grad.sum().backward()
