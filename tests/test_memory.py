@@ -1,20 +1,23 @@
 """Memory is the product: the chunked backend's extra memory must not grow with N x M.
 
-Each case runs in a fresh subprocess and reads its peak resident memory before and after one
-forward + backward, so earlier tests cannot hide or inflate the peak.
+Each case runs in a fresh subprocess and reads its peak resident memory during one forward +
+backward beyond the resident memory before it (``bench.memprobe.PeakMeter``), so earlier tests
+cannot hide or inflate the peak.
 """
 
 import json
 import os
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
 SCRIPT = r"""
-import json, resource, sys
+import json, sys
 import torch
 import cossim_fast
+from bench.memprobe import PeakMeter
 torch.set_num_threads(1)
 backend, num_rows, mode = sys.argv[1], int(sys.argv[2]), sys.argv[3]
 num_classes, slots, dim = 19, 512, 64
@@ -22,23 +25,26 @@ bank = torch.nn.functional.normalize(torch.randn(num_classes, slots, dim), dim=2
 counts = torch.full((num_classes,), slots)
 features = torch.randn(num_rows, dim, requires_grad=True)
 labels = torch.randint(0, num_classes, (num_rows,))
-def peak_mib():
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 # Warm up on a tiny input so one-time allocations (libraries, op registration) are not counted.
 cossim_fast.cosine_similarity_loss(features[:8], labels[:8], bank, counts, 0.0, mode=mode, backend=backend).backward()
 features.grad = None
-before = peak_mib()
+# The peak from now on, beyond the resident memory now (VmHWM reset: an earlier peak, e.g. at
+# import, whose pages have since been freed or evicted, cannot hide part of the call's).
+meter = PeakMeter()
+meter.start()
 cossim_fast.cosine_similarity_loss(features, labels, bank, counts, 0.0, mode=mode, backend=backend).backward()
-print(json.dumps({"extra_mib": peak_mib() - before}))
+print(json.dumps({"extra_mib": meter.stop() / 2**20}))
 """
 
 WORKSPACE_MIB = 16
+ROOT = Path(__file__).resolve().parents[1]  # where `bench` is importable from
 
 
 def extra_mib(backend: str, num_rows: int, mode: str) -> float:
     env = dict(os.environ, COSSIM_FAST_WORKSPACE_MB=str(WORKSPACE_MIB), OMP_NUM_THREADS="1")
     result = subprocess.run(
-        [sys.executable, "-c", SCRIPT, backend, str(num_rows), mode], env=env, capture_output=True, text=True, timeout=300
+        [sys.executable, "-c", SCRIPT, backend, str(num_rows), mode], env=env, capture_output=True, text=True, timeout=300,
+        cwd=ROOT,
     )
     assert result.returncode == 0, result.stderr
     return json.loads(result.stdout.strip().splitlines()[-1])["extra_mib"]
