@@ -7,6 +7,7 @@ import socket
 import subprocess
 import sys
 
+import pytest
 import torch
 
 from conftest import tiny_overrides
@@ -68,10 +69,13 @@ def test_two_ranks_match_one_process_on_the_combined_batch(tiny_data, tmp_path):
     assert two[0]["pixels"] == one[0]["pixels"]
 
 
-def test_ranks_evaluate_the_same_batchnorm_statistics_and_sync_once_per_iteration(tiny_data, tmp_path):
+@pytest.mark.parametrize("checkpointing", [False, True])
+def test_ranks_evaluate_the_same_batchnorm_statistics_and_sync_once_per_iteration(tiny_data, tmp_path, checkpointing):
     # Each rank updates its running statistics from its own batches; evaluation and the
-    # checkpoint use rank 0's on every rank.
-    common = ["model.freeze_bn=false", "train.iterations=2", "train.eval_every=2"]
+    # checkpoint use rank 0's on every rank. With activation checkpointing too (DDP's hooks
+    # then fire during the recomputing backward).
+    common = ["model.freeze_bn=false", "train.iterations=2", "train.eval_every=2",
+              f"model.activation_checkpointing={str(checkpointing).lower()}"]
     two = _run(tmp_path, tiny_overrides(tiny_data, tmp_path / "ddp", *common), 2)
     # Each iteration all-reduces each gradient bucket once, although it runs two backward passes.
     assert two[0]["allreduced_buckets"].count(0) == 2, two[0]["allreduced_buckets"]
