@@ -89,6 +89,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     from cossim_fast.data import DatasetError
     from cossim_fast.training import ConfigError
+    from cossim_fast.training.memory import TrainingOutOfMemoryError
 
     try:
         return args.run(args)
@@ -96,6 +97,9 @@ def main(argv: list[str] | None = None) -> int:
         # Input mistakes get one clear line, not a traceback.
         print(f"cossim-fast {args.command}: error: {error}", file=sys.stderr)
         return 2
+    except TrainingOutOfMemoryError as error:
+        print(f"cossim-fast {args.command}: error: {error}", file=sys.stderr)  # the levers, not a traceback
+        return 3
 
 
 if __name__ == "__main__":

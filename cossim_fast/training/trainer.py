@@ -18,7 +18,7 @@ import cossim_fast
 from cossim_fast.data import DATASETS, IGNORE_INDEX, NUM_CLASSES, generate_synthetic_uda
 from cossim_fast.evaluation import ConfusionMatrix
 from cossim_fast.models import build_model
-from cossim_fast.training import checkpoint, distributed, reporting
+from cossim_fast.training import checkpoint, distributed, memory, reporting
 from cossim_fast.training.config import Config, DomainConfig, config_changes, save_config, to_dict
 from cossim_fast.training.streams import CachedDataset, batch_stream
 from cossim_fast.training.target_losses import class_shares, downsample_labels, entropy_loss, pseudo_labels
@@ -49,14 +49,6 @@ def loss_weight(config: Config, iteration: int) -> float:
 
 def poly_factor(config: Config, iteration: int) -> float:
     return (1.0 - iteration / config.train.iterations) ** config.optim.poly_power
-
-
-def _peak_memory_mib(device: torch.device) -> float:
-    if device.type == "cuda":
-        return torch.cuda.max_memory_allocated(device) / 2**20
-    import resource
-
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
 @dataclass
@@ -272,7 +264,10 @@ class Trainer:
                 group["lr"] = config.optim.lr * factor * group["lr_mult"]
             for micro in range(config.train.grad_accum):
                 last = micro == config.train.grad_accum - 1
-                stats.add(self._micro_step(next(streams[0]), next(streams[1]), iteration, last))
+                try:
+                    stats.add(self._micro_step(next(streams[0]), next(streams[1]), iteration, last))
+                except torch.cuda.OutOfMemoryError as error:
+                    raise memory.out_of_memory(error, config, iteration) from error
             self.scaler.step(self.optimizer)
             self.scaler.update()
             self.optimizer.zero_grad(set_to_none=True)
@@ -285,7 +280,7 @@ class Trainer:
                 row = {"iteration": self.iteration, **stats.means(), "lr": config.optim.lr * factor,
                        "weight_cos": loss_weight(config, iteration),
                        "it_per_s": config.train.log_every / elapsed if not done else float("nan"),
-                       "peak_mib": _peak_memory_mib(self.device)}
+                       "peak_mib": memory.peak_memory_mib(self.device)}
                 self._log(row, bar)
                 window_start = time.perf_counter()
             if self.iteration % config.train.eval_every == 0 or done:

@@ -1,6 +1,9 @@
 """The command line: train, evaluate, generate-data, and clear errors for bad input."""
 
+import pytest
+
 from cossim_fast import cli
+from cossim_fast.training import load_config
 from conftest import tiny_overrides
 
 
@@ -29,3 +32,25 @@ def test_bad_input_is_one_clear_line(tmp_path, capsys):
     assert "does not exist" in capsys.readouterr().err
     assert cli.main(["evaluate", str(tmp_path / "none.pt")]) == 2
     assert "checkpoint" in capsys.readouterr().err
+
+
+def test_out_of_memory_names_the_levers_left(tiny_data, tmp_path, capsys, monkeypatch):
+    import torch
+
+    from cossim_fast.training import Trainer
+
+    def allocation_fails(self, *args, **kwargs):
+        raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+
+    monkeypatch.setattr(Trainer, "_micro_step", allocation_fails)
+    overrides = tiny_overrides(tiny_data, tmp_path / "run", "train.iterations=2", "train.amp=bf16")
+    assert cli.main(["train", *_sets(overrides)]) == 3
+    err = capsys.readouterr().err
+    assert "out of device memory in training iteration 0" in err and "Tried to allocate 2.00 GiB" in err
+    assert "model.activation_checkpointing=true" in err and "train.grad_accum=2" in err
+    assert "train.amp=bf16" not in err  # already on: not suggested
+    lean = tiny_overrides(tiny_data, tmp_path / "lean", "model.activation_checkpointing=true", "train.batch_size_source=1",
+                          "train.batch_size_target=1")
+    with pytest.raises(torch.cuda.OutOfMemoryError, match="train.amp=bf16") as raised:
+        Trainer(load_config(None, lean), progress=False).train()  # still an OutOfMemoryError to callers
+    assert "activation_checkpointing" not in str(raised.value) and "grad_accum" not in str(raised.value)
