@@ -54,6 +54,7 @@ class StepSpec:
     step: str = "loss"
     model: str = "deeplabv2_small"
     activation_checkpointing: bool = False
+    batch: int = 1  # train step: images per domain, N pixels shared among them
 
 
 class LossStep:
@@ -103,9 +104,10 @@ class LossStep:
 
 
 class TrainStep:
-    """One training iteration of the trainer's recipe at one source and one target image whose
-    feature maps hold N pixels (2:1 images at output stride 8): source forward + CE + backward,
-    the dictionary update, target forward + pseudo-labels + the cosine loss + backward."""
+    """One training iteration of the trainer's recipe at ``batch`` source and ``batch`` target
+    images whose feature maps hold N pixels together (2:1 images at output stride 8): source
+    forward + CE + backward, the dictionary update, target forward + pseudo-labels + the cosine
+    loss + backward."""
 
     def __init__(self, spec: StepSpec) -> None:
         from bench import harness
@@ -113,10 +115,14 @@ class TrainStep:
         self.spec = spec
         self.dtype = harness.DTYPES[spec.dtype]
 
-    @staticmethod
-    def feature_size(rows: int) -> tuple[int, int]:
-        height = max(2, round(math.sqrt(rows / 2)))
+    def feature_size(self, rows: int) -> tuple[int, int]:
+        """Height and width of each image's feature map."""
+        height = max(2, round(math.sqrt(rows / self.spec.batch / 2)))
         return height, 2 * height
+
+    def images(self, rows: int) -> str:
+        height, width = self.feature_size(rows)
+        return f"{self.spec.batch} x {8 * width}x{8 * height}"
 
     def lower_bound_bytes(self, rows: int) -> int:
         spec = self.spec
@@ -142,9 +148,9 @@ class TrainStep:
         dictionary.counts.fill_(spec.M)
         del full
         height, width = self.feature_size(rows)
-        source = torch.randn(1, 3, 8 * height, 8 * width, device=device)
-        target = torch.randn(1, 3, 8 * height, 8 * width, device=device)
-        labels = torch.randint(0, spec.K, (1, 8 * height, 8 * width), device=device)
+        source = torch.randn(spec.batch, 3, 8 * height, 8 * width, device=device)
+        target = torch.randn(spec.batch, 3, 8 * height, 8 * width, device=device)
+        labels = torch.randint(0, spec.K, (spec.batch, 8 * height, 8 * width), device=device)
         autocast = torch.autocast(device.type, dtype=self.dtype, enabled=self.dtype != torch.float32)
 
         def step():
@@ -368,6 +374,13 @@ def search(
 # ----------------------------------------------------------------------------- the command
 
 
+def _images(result: Frontier) -> str:
+    """For the train step: the images the largest fitting N stands for."""
+    if result.spec.step != "train" or not result.largest_n:
+        return ""
+    return f"({TrainStep(result.spec).images(result.largest_n)} images)"
+
+
 def _table(results: list[Frontier]) -> str:
     lines = [
         f"{'M':>6} {'impl':<10} {'largest N':>11} {'peak MiB':>9} {'probes':>6} {'N / reference':>14} {'N / per_class':>14}  note",
@@ -384,9 +397,10 @@ def _table(results: list[Frontier]) -> str:
     for slots, impls in by_m.items():
         for impl, result in impls.items():
             largest = "-" if result.largest_n is None else f"{result.largest_n:,}"
+            note = " ".join(part for part in (_images(result), result.note) if part)
             peak = "-" if result.peak_bytes is None else f"{result.peak_bytes / 2**20:.0f}"
             lines.append(
-                f"{slots:>6} {impl:<10} {largest:>11} {peak:>9} {len(result.probes):>6} {ratio(result, impls.get('reference')):>14} {ratio(result, impls.get('per_class')):>14}  {result.note}"
+                f"{slots:>6} {impl:<10} {largest:>11} {peak:>9} {len(result.probes):>6} {ratio(result, impls.get('reference')):>14} {ratio(result, impls.get('per_class')):>14}  {note}"
             )
     return "\n".join(lines)
 
@@ -404,6 +418,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--impls", default=",".join(DEFAULT_IMPLS))
     parser.add_argument("--step", choices=tuple(STEPS), default="loss", help="what must fit: the loss step, or a training iteration of the trainer's model")
     parser.add_argument("--model", default="deeplabv2_small", help="the trainer model of --step train (its feature channels replace --C)")
+    parser.add_argument("--batch", type=int, default=1, help="--step train: images per domain (N is shared among them)")
     parser.add_argument(
         "--activation-checkpointing", action="store_true",
         help="--step train: the model recomputes its backbone blocks in the backward (model.activation_checkpointing)",
@@ -416,8 +431,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--time-budget", type=float, default=None, help="seconds for the whole run")
     parser.add_argument("--json", default=None, help="write the results (with every probe) here")
     args = parser.parse_args(argv)
-    if args.activation_checkpointing and args.step != "train":
-        parser.error("--activation-checkpointing applies to --step train (the loss step has no model)")
+    if (args.activation_checkpointing or args.batch != 1) and args.step != "train":
+        parser.error("--activation-checkpointing and --batch apply to --step train (the loss step has no model)")
+    if args.batch < 1:
+        parser.error(f"--batch must be >= 1, got {args.batch}")
 
     if args.device == "cuda" and not torch.cuda.is_available():
         parser.error("--device cuda needs a CUDA GPU")
@@ -444,7 +461,7 @@ def main(argv: list[str] | None = None) -> int:
         for impl in impls:
             spec = StepSpec(
                 impl, slots, args.C, args.K, args.dtype, args.mode, args.threshold, args.device, args.step, args.model,
-                args.activation_checkpointing,
+                args.activation_checkpointing, args.batch,
             )
             reason = unsupported(spec)
             if reason:
@@ -466,7 +483,7 @@ def main(argv: list[str] | None = None) -> int:
                 continue
             results.append(result)
             shown = "-" if result.largest_n is None else f"{result.largest_n:,}"
-            print(f"M={slots} {impl}: largest N {shown} ({len(result.probes)} probes) {result.note}", flush=True)
+            print(f"M={slots} {impl}: largest N {shown} {_images(result)} ({len(result.probes)} probes) {result.note}", flush=True)
             if args.json:
                 _write(args.json, args, budget, results, skipped)
     print()

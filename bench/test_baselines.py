@@ -120,6 +120,13 @@ def test_frontier_search_brackets_a_linear_frontier():
     assert len(result.probes) <= 8
 
 
+def test_train_step_shares_n_among_the_batch():
+    spec = frontier.StepSpec("torch", 16, 0, 19, "fp32", "max", 0.0, "cpu", "train", batch=2)
+    step = frontier.TrainStep(spec)
+    assert step.feature_size(2 * 8 * 16) == (8, 16) and step.images(2 * 8 * 16) == "2 x 128x64"
+    step.build(2 * 4 * 8)()  # two 64x32 source and two target images: one iteration runs
+
+
 def test_report_reads_runner_output(tmp_path):
     case = harness.Case("max-fwd", "torch", 64, 8, 16, "fp32")
     harness.configure_for_benchmarks(False)
