@@ -10,7 +10,7 @@
 # out is logged and the script goes on to the next one and the summary.
 # Writes under OUTDIR: env.log, build.log, triton_tests.log and cuda_tests.log (+ .xml),
 # sanitizer.log, resources.log (+ .json), bench.log + bench.json, bench_cuda.log + bench_cuda.json,
-# targets.log (+ .json), frontier.log + frontier.json,
+# targets.log (+ .json, auto_rule.json), frontier.log + frontier.json,
 # report/ (report.md, PNGs if matplotlib is there), summary.txt. The benchmark runner rewrites
 # bench.json after every case, so a cut-short run keeps its results. The device tool returns at
 # most 8 files: pack OUTDIR into one archive, with an outer timeout that leaves time to pack it
@@ -99,7 +99,9 @@ RESULTS=()
 for results in "$OUT/bench.json" "$OUT/bench_cuda.json"; do
     [ -f "$results" ] && RESULTS+=("$results")
 done
-step targets 10 $PY -m bench.targets ${RESULTS[@]+"${RESULTS[@]}"} --json "$OUT/targets.json"
+# The measured triton-vs-cuda rule goes to OUTDIR, not into the package: it is adopted (by rerunning
+# bench.targets --write-rule on the returned JSON) only if the CUDA tests passed.
+step targets 10 $PY -m bench.targets ${RESULTS[@]+"${RESULTS[@]}"} --json "$OUT/targets.json" --write-rule "$OUT/auto_rule.json"
 step frontier 20 $PY -m bench.frontier --device cuda --budget-mib 1024 --M 4096 --dtype bf16 --tol 0.1 --time-budget 12 --json "$OUT/frontier.json"
 step report 15 $PY -m bench.report ${RESULTS[@]+"${RESULTS[@]}"} --out "$OUT/report" --print --print-ops max-fwd,max-fwd_bwd,all-fwd_bwd,update
 

@@ -482,6 +482,7 @@ def machine_info() -> dict:
         props = torch.cuda.get_device_properties(0)
         info["gpu"] = torch.cuda.get_device_name(0)
         info["gpu_memory_gib"] = round(props.total_memory / 2**30, 1)
+        info["gpu_capability"] = f"{props.major}.{props.minor}"
         info["cudnn"] = torch.backends.cudnn.version()
     return info
 

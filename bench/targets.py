@@ -12,7 +12,12 @@ K = 19, M = 4096, C in {256, 2048}, bf16 and fp32, as ``bench/gpu_check.sh`` run
 
 Then, per (operation, dtype, C), the faster of "triton" and "cuda": the measured rule for "auto".
 
-    python -m bench.targets RESULTS.json [...] [--json out.json]
+    python -m bench.targets RESULTS.json [...] [--json out.json] [--write-rule [PATH]]
+
+``--write-rule`` writes that rule for the results' GPU architecture into the package's
+``cossim_fast/backends/auto_rule.json`` (or PATH), replacing earlier measurements of the same
+architecture: "auto" then puts the faster fused backend first on that GPU (and uses the CUDA
+forward kernels there at all).
 """
 
 from __future__ import annotations
@@ -21,8 +26,10 @@ import argparse
 import json
 import sys
 from collections import defaultdict
+from pathlib import Path
 
 from bench import report
+from cossim_fast.backends import auto_rule as rule_file
 
 FUSED = ("triton", "cuda")
 SPEEDUP_TARGET = {256: 3.0, 2048: 1.5}  # forward+backward vs the per-class baseline
@@ -150,8 +157,12 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m bench.targets", description=__doc__.splitlines()[0])
     parser.add_argument("results", nargs="+", help="benchmark JSON (bench.run or pytest-benchmark)")
     parser.add_argument("--json", help="also write the checks and the rule here")
+    parser.add_argument(
+        "--write-rule", nargs="?", const=str(rule_file.RULE_FILE), metavar="PATH",
+        help="write the measured rule for the results' GPU architecture (default: the package's auto_rule.json)",
+    )
     args = parser.parse_args(argv)
-    rows, _, _ = report.load(args.results)
+    rows, machine, _ = report.load(args.results)
     checks, rule = evaluate(rows, missing_cases(args.results)), auto_rule(rows)
     if not checks and not rule:
         print("no results of the targets' operations in these files")
@@ -160,6 +171,14 @@ def main(argv: list[str] | None = None) -> int:
     if args.json:
         with open(args.json, "w") as handle:
             json.dump({"checks": checks, "auto_rule": rule}, handle, indent=1)
+    if args.write_rule:
+        if not machine.get("gpu_capability"):
+            parser.error("--write-rule: the results name no GPU architecture (gpu_capability in machine_info)")
+        entries = rule_file.entries_from_targets(rule, machine["gpu_capability"], machine.get("gpu", "?"), " ".join(args.results))
+        if not entries:
+            parser.error("--write-rule: no operation was measured for both triton and cuda")
+        rule_file.write(entries, Path(args.write_rule))
+        print(f"wrote {len(entries)} measurements for sm {machine['gpu_capability']} ({machine.get('gpu')}) to {args.write_rule}")
     return 0
 
 

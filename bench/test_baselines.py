@@ -175,3 +175,25 @@ def test_targets_and_auto_rule():
     assert checks[("cuda", "extra memory per row", 256)]["why"] == "cuda: no peak memory recorded"
     assert ("triton", "fwd+bwd vs per-class", 256) in checks and all(c["op"] != "all-fwd_bwd" for c in checks.values())
     assert "not measured: cuda: not run" in targets.markdown(list(checks.values()), [])
+
+
+def test_targets_write_rule_from_results_files(tmp_path):
+    from bench import targets
+    from cossim_fast.backends import auto_rule
+
+    def result(impl, ms):
+        extra = {"op": "max-fwd", "impl": impl, "N": 131072, "M": 4096, "C": 256, "dtype": "bf16", "median_ms": ms}
+        return {"extra_info": extra, "stats": {}}
+
+    machine = {"gpu": "NVIDIA H100 80GB HBM3", "gpu_capability": "9.0"}
+    results = tmp_path / "bench.json"
+    results.write_text(json.dumps({"machine_info": machine, "benchmarks": [result("triton", 1.0), result("cuda", 0.8)]}))
+    rule = tmp_path / "auto_rule.json"
+    assert targets.main([str(results), "--write-rule", str(rule)]) == 0
+    (entry,) = auto_rule.measurements(rule)
+    assert (entry["arch"], entry["op"], entry["dtype"], entry["faster"], entry["gpu"]) == (
+        "9.0", "max_forward", "bfloat16", "cuda", "NVIDIA H100 80GB HBM3")
+    machine.pop("gpu_capability")
+    results.write_text(json.dumps({"machine_info": machine, "benchmarks": [result("triton", 1.0), result("cuda", 0.8)]}))
+    with pytest.raises(SystemExit):
+        targets.main([str(results), "--write-rule", str(rule)])

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 import cossim_fast
-from cossim_fast.backends import dispatch
+from cossim_fast.backends import auto_rule, dispatch
 from cases import make_bank, make_rows
 
 BANK, COUNTS = make_bank(3, 5, 4, counts=[5, 5, 5])
@@ -85,3 +85,75 @@ def test_float64_bank_with_float32_features_falls_back_and_matches_the_reference
     expected_values, expected_indices = cossim_fast.max_cosine_similarity(FEATURES, LABELS, bank, COUNTS, backend="reference")
     torch.testing.assert_close(values, expected_values)
     assert torch.equal(indices, expected_indices)
+
+
+# --- the measured rule: which fused backend "auto" puts first on a GPU (auto_rule) -------------
+
+def _entry(op, dim, rows, faster, arch="9.0", dtype="bfloat16"):
+    return {"arch": arch, "op": op, "dtype": dtype, "C": dim, "N": rows, "faster": faster}
+
+
+RULE = (
+    _entry("max_forward", 256, 16384, "cuda"), _entry("max_forward", 256, 131072, "triton"),
+    _entry("max_forward", 2048, 131072, "triton"), _entry("update", 2048, 131072, "cuda"),
+)
+
+
+def test_rule_takes_the_nearest_measured_shape():
+    def preferred(dim, rows, op="max_forward", arch="9.0", dtype=torch.bfloat16):
+        return auto_rule.preferred(op, arch, dtype, dim, rows, RULE)
+
+    assert preferred(256, 16384) == "cuda" and preferred(200, 20000) == "cuda"
+    assert preferred(256, 100000) == "triton" and preferred(1024, 8192) == "triton"  # C decides first
+    assert preferred(256, None) in ("cuda", "triton")  # shape unknown: still a measured answer
+    assert preferred(256, 16384, arch="8.0") is None and preferred(256, 16384, dtype=torch.float32) is None
+    assert preferred(256, 16384, op="all_forward") is None
+
+
+@pytest.fixture
+def fake_gpu(monkeypatch):
+    """A CUDA device on which every backend can run, with RULE as its measurements."""
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(dispatch, "unsupported_reasons", lambda *args: [])
+    monkeypatch.setattr(auto_rule, "capability", lambda device: "9.0")
+    monkeypatch.setattr(auto_rule, "measurements", lambda path=None: RULE)
+
+
+def test_auto_puts_the_measured_faster_backend_first(fake_gpu):
+    cuda = torch.device("cuda")
+    assert dispatch.select("max_forward", "auto", cuda, torch.bfloat16, dim=256, rows=16384).name == "cuda"
+    assert dispatch.select("max_forward", "auto", cuda, torch.bfloat16, dim=2048, rows=131072).name == "triton"
+    assert dispatch.select("max_forward", "triton", cuda, torch.bfloat16, dim=256, rows=16384).name == "triton"  # explicit wins
+
+
+def test_unmeasured_cuda_kernels_are_not_chosen_by_auto(fake_gpu):
+    cuda = torch.device("cuda")
+    # No measurement of all_forward (or of fp16) on this architecture: the default order, minus
+    # the CUDA kernels that never ran here.
+    assert dispatch.select("all_forward", "auto", cuda, torch.bfloat16, dim=256, rows=16384).name == "triton"
+    assert dispatch.select("max_forward", "auto", cuda, torch.float16, dim=256, rows=16384).name == "triton"
+
+
+def test_rule_entries_from_targets_replace_their_architecture(tmp_path):
+    path = tmp_path / "auto_rule.json"
+    auto_rule.write([_entry("max_forward", 256, 16384, "cuda", arch="8.0")], path)
+    measured = [{"op": "max-fwd", "dtype": "bf16", "C": 256, "N": 131072, "M": 4096, "faster": "triton",
+                 "triton_ms": 1.0, "cuda_ms": 2.0},
+                {"op": "all-fwd_bwd", "dtype": "fp32", "C": 2048, "N": 131072, "M": 4096, "faster": "cuda",
+                 "triton_ms": 3.0, "cuda_ms": 2.0},
+                {"op": "max-fwd_bwd", "dtype": "bf16", "C": 256, "N": 131072, "M": 4096, "faster": "cuda",
+                 "triton_ms": 3.0, "cuda_ms": 2.0}]
+    auto_rule.write(auto_rule.entries_from_targets(measured, "9.0", "NVIDIA H100", "bench.json"), path)
+    auto_rule.write(auto_rule.entries_from_targets(measured[:1], "9.0", "NVIDIA H100", "bench.json"), path)  # replaces 9.0
+    entries = auto_rule.measurements(path)
+    assert sorted((e["arch"], e["op"]) for e in entries) == [("8.0", "max_forward"), ("9.0", "max_forward")]
+    assert auto_rule.preferred("max_forward", "9.0", torch.bfloat16, 256, 131072, entries) == "triton"
+    assert {e["op"] for e in auto_rule.entries_from_targets(measured, "9.0", "x", "y")} == {
+        "max_forward", "all_forward", "all_backward"}  # a max fwd+bwd time stands for no single op
+
+
+def test_the_shipped_rule_file_is_readable():
+    entries = auto_rule.measurements()
+    assert isinstance(entries, tuple)
+    for entry in entries:
+        assert entry["faster"] in auto_rule.FUSED and entry["arch"].count(".") == 1

@@ -21,6 +21,7 @@ import torch
 from torch import Tensor
 
 from cossim_fast import _extension
+from cossim_fast.backends import auto_rule
 from cossim_fast.backends.base import OPERATIONS, Backend
 from cossim_fast.backends.schedule import class_tiles
 
@@ -118,10 +119,11 @@ class CudaBackend(Backend):
         return reasons
 
     def auto_skip_reasons(self, op: str, device: torch.device, dtype: torch.dtype) -> list[str]:
-        # The forward/backward kernels compile but have not yet run on a GPU: "auto" uses them
-        # only after they pass there (backend="cuda" still reaches them explicitly).
-        if op in _OPS_USING_COSINE_KERNELS:
-            return [f"the CUDA {op} kernel has not been verified on a GPU yet"]
+        # The forward/backward kernels are chosen by "auto" only on a GPU architecture where
+        # they were measured (so ran and passed there: ``auto_rule``); backend="cuda" reaches
+        # them anywhere.
+        if op in _OPS_USING_COSINE_KERNELS and not auto_rule.measured(op, auto_rule.capability(device), dtype):
+            return [f"the CUDA {op} kernel has not been measured on this GPU architecture yet"]
         return []
 
     def _schedule(self, labels: Tensor, bank: Tensor) -> tuple[Tensor, Tensor]:

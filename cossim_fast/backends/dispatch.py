@@ -13,12 +13,14 @@ from functools import cache
 
 import torch
 
+from cossim_fast.backends import auto_rule
 from cossim_fast.backends.base import Backend
 
 BACKEND_NAMES = ("reference", "torch", "triton", "cuda")
 CHOICES = ("auto", *BACKEND_NAMES)
 
-#: Preference order of "auto" per device type; "reference" is never chosen automatically.
+#: Preference order of "auto" per device type, before the measured rule (``auto_rule``) puts the
+#: faster fused backend first; "reference" is never chosen automatically.
 AUTO_ORDER = {"cuda": ("cuda", "triton", "torch")}
 DEFAULT_ORDER = ("torch",)
 
@@ -79,12 +81,20 @@ def requested_backend(backend: str) -> str:
     return backend
 
 
-def select(op: str, backend: str, device: torch.device, dtype: torch.dtype, *more_dtypes: torch.dtype) -> Backend:
+def select(
+    op: str, backend: str, device: torch.device, dtype: torch.dtype, *more_dtypes: torch.dtype,
+    dim: int | None = None, rows: int | None = None,
+) -> Backend:
     """The backend that runs ``op`` for tensors of this device and these dtypes (features
-    first, then e.g. the bank's: a backend must take every one of them)."""
+    first, then e.g. the bank's: a backend must take every one of them). ``dim`` (C) and
+    ``rows`` (N) pick the measured rule's shape class on a GPU (``auto_rule``)."""
     dtypes = tuple(dict.fromkeys((dtype, *more_dtypes)))
     requested = requested_backend(backend)
     auto_order = AUTO_ORDER.get(device.type, DEFAULT_ORDER)
+    if requested == "auto" and device.type == "cuda":
+        faster = auto_rule.preferred(op, auto_rule.capability(device), dtype, dim, rows)
+        if faster:  # the fused backend measured faster on this GPU goes first
+            auto_order = (faster, *(name for name in auto_order if name != faster))
     candidates = auto_order if requested == "auto" else (requested, *auto_order)
     reasons: dict[str, list[str]] = {}
     for name in dict.fromkeys(candidates):

@@ -27,7 +27,7 @@ def max_cosine_forward(
 ) -> tuple[Tensor, Tensor]:
     if check_values:
         _check(features, labels, bank, counts, ignore_index)
-    chosen = dispatch.select("max_forward", backend, features.device, features.dtype, bank.dtype)
+    chosen = dispatch.select("max_forward", backend, features.device, features.dtype, bank.dtype, dim=bank.shape[2], rows=labels.numel())
     return chosen.max_forward(features, labels, bank, counts, ignore_index)
 
 
@@ -41,7 +41,7 @@ def _(features, labels, bank, counts, ignore_index, backend, check_values):
 def max_cosine_backward(
     grad_values: Tensor, features: Tensor, labels: Tensor, bank: Tensor, values: Tensor, indices: Tensor, backend: str
 ) -> Tensor:
-    chosen = dispatch.select("max_backward", backend, features.device, features.dtype, bank.dtype)
+    chosen = dispatch.select("max_backward", backend, features.device, features.dtype, bank.dtype, dim=bank.shape[2], rows=labels.numel())
     return chosen.max_backward(grad_values, features, labels, bank, values, indices)
 
 
@@ -63,7 +63,7 @@ def thresholded_cosine_forward(
 ) -> tuple[Tensor, Tensor, Tensor]:
     if check_values:
         _check(features, labels, bank, counts, ignore_index)
-    chosen = dispatch.select("all_forward", backend, features.device, features.dtype, bank.dtype)
+    chosen = dispatch.select("all_forward", backend, features.device, features.dtype, bank.dtype, dim=bank.shape[2], rows=labels.numel())
     return chosen.all_forward(features, labels, bank, counts, threshold, ignore_index)
 
 
@@ -75,7 +75,7 @@ def _(features, labels, bank, counts, threshold, ignore_index, backend, check_va
 
 @torch.library.custom_op("cossim_fast::thresholded_cosine_backward", mutates_args=())
 def thresholded_cosine_backward(grad_ssum: Tensor, features: Tensor, ssum: Tensor, dsum: Tensor, backend: str) -> Tensor:
-    chosen = dispatch.select("all_backward", backend, features.device, features.dtype)
+    chosen = dispatch.select("all_backward", backend, features.device, features.dtype, dim=dsum.shape[1], rows=dsum.shape[0])
     return chosen.all_backward(grad_ssum, features, ssum, dsum)
 
 
@@ -113,7 +113,7 @@ def update_dictionary(
     if check_values:
         _check(features, labels, bank, counts, ignore_index)
         inputs.check_slot_values("ptr", ptr, 0, bank.shape[1] - 1)
-    chosen = dispatch.select("update", backend, bank.device, bank.dtype, features.dtype)
+    chosen = dispatch.select("update", backend, bank.device, bank.dtype, features.dtype, dim=bank.shape[2], rows=labels.numel())
     chosen.update(bank, counts, ptr, features, labels, order, denom, max_per_class, ignore_index)
 
 

@@ -1,0 +1,101 @@
+"""Which fused backend "auto" prefers on a CUDA GPU: the measured rule, written down.
+
+``auto_rule.json`` (beside this module) holds measurements: for a GPU architecture (compute
+capability), an operation, a dtype and a measured shape (C, N), which of "triton" and "cuda"
+was faster there, as ``python -m bench.targets RESULTS.json --write-rule`` found it on that GPU
+(the file also names the GPU, the date and the results it came from). A call takes the
+measurement of its architecture, operation and dtype nearest its shape: C first, then N, both
+on a log scale. Where nothing was measured "auto" keeps its default order (``dispatch``), in
+which the CUDA forward kernels are not chosen until a measurement prefers them.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from functools import cache
+from pathlib import Path
+
+import torch
+
+RULE_FILE = Path(__file__).with_name("auto_rule.json")
+FUSED = ("triton", "cuda")
+
+#: Benchmark operation (``bench.harness``) -> the dispatcher's operations its time stands for
+#: (the "all" backward is elementwise and only timed together with its forward).
+BENCH_OPS = {
+    "max-fwd": ("max_forward",), "max-bwd": ("max_backward",),
+    "all-fwd_bwd": ("all_forward", "all_backward"), "update": ("update",),
+}
+
+
+@cache
+def measurements(path: Path = RULE_FILE) -> tuple[dict, ...]:
+    """The measured entries (read once per process)."""
+    if not path.is_file():
+        return ()
+    return tuple(json.loads(path.read_text()).get("measurements", []))
+
+
+def capability(device: torch.device) -> str | None:
+    """The GPU architecture of ``device`` ("9.0"), or None without a CUDA device."""
+    if not torch.cuda.is_available():
+        return None
+    major, minor = torch.cuda.get_device_capability(device)
+    return f"{major}.{minor}"
+
+
+def preferred(
+    op: str, arch: str | None, dtype: torch.dtype, dim: int | None, rows: int | None, entries: tuple[dict, ...] | None = None
+) -> str | None:
+    """The fused backend measured faster for ``op`` on architecture ``arch`` ("9.0") at the
+    nearest measured shape, or None where nothing was measured."""
+    dtype_name = str(dtype).removeprefix("torch.")
+    candidates = [
+        entry for entry in (measurements() if entries is None else entries)
+        if entry["arch"] == arch and entry["op"] == op and entry["dtype"] == dtype_name
+    ]
+    if not candidates:
+        return None
+
+    def distance(entry: dict) -> tuple[float, float]:
+        def log_gap(measured: int, wanted: int | None) -> float:
+            return 0.0 if wanted is None else abs(math.log2(measured) - math.log2(max(wanted, 1)))
+
+        return log_gap(entry["C"], dim), log_gap(entry["N"], rows)
+
+    return min(candidates, key=distance)["faster"]
+
+
+def measured(op: str, arch: str | None, dtype: torch.dtype) -> bool:
+    """Whether both fused backends were measured (so ran) for ``op`` and ``dtype`` on ``arch``."""
+    dtype_name = str(dtype).removeprefix("torch.")
+    return any(e["arch"] == arch and e["op"] == op and e["dtype"] == dtype_name for e in measurements())
+
+
+def entries_from_targets(rule: list[dict], arch: str, gpu: str, source: str) -> list[dict]:
+    """Rule entries from ``bench.targets.auto_rule`` records (bench operations mapped to the
+    dispatcher's; fwd+bwd composites other than "all" stand for no single operation)."""
+    dtype_names = {"bf16": "bfloat16", "fp16": "float16", "fp32": "float32"}
+    return [
+        {"arch": arch, "gpu": gpu, "source": source, "op": op, "bench_op": item["op"],
+         "dtype": dtype_names.get(item["dtype"], item["dtype"]), "C": item["C"], "N": item["N"],
+         "faster": item["faster"], "triton_ms": item["triton_ms"], "cuda_ms": item["cuda_ms"]}
+        for item in rule
+        for op in BENCH_OPS.get(item["op"], ())
+    ]
+
+
+def write(entries: list[dict], path: Path = RULE_FILE) -> None:
+    """Replace the measurements of ``entries``' architectures in ``path`` with ``entries``."""
+    archs = {entry["arch"] for entry in entries}
+    kept = [entry for entry in measurements(path) if entry["arch"] not in archs]
+    measurements.cache_clear()
+    document = {
+        "about": "Measured faster fused backend per GPU architecture, operation, dtype and shape; "
+                 "written by python -m bench.targets --write-rule (see cossim_fast/backends/auto_rule.py).",
+        "measurements": kept + entries,
+    }
+    temporary = path.with_suffix(".tmp")
+    temporary.write_text(json.dumps(document, indent=1) + "\n")
+    temporary.replace(path)
