@@ -12,12 +12,12 @@ K = 19, M = 4096, C in {256, 2048}, bf16 and fp32, as ``bench/gpu_check.sh`` run
 
 Then, per (operation, dtype, C), the faster of "triton" and "cuda": the measured rule for "auto".
 
-    python -m bench.targets RESULTS.json [...] [--json out.json] [--write-rule [PATH]]
+    python -m bench.targets RESULTS.json [...] [--json out.json] [--write-rule PATH]
 
-``--write-rule`` writes that rule for the results' GPU architecture into the package's
-``cossim_fast/backends/auto_rule.json`` (or PATH), replacing earlier measurements of the same
-architecture: "auto" then puts the faster fused backend first on that GPU (and uses the CUDA
-forward kernels there at all).
+``--write-rule PATH`` adds that rule for the results' GPU architecture (one per call) to a rule
+file, the package's being ``cossim_fast/backends/auto_rule.json``, replacing its earlier
+measurements of the same architecture, operation and dtype: "auto" then puts the faster fused
+backend first on that GPU (and uses the CUDA forward kernels there at all).
 """
 
 from __future__ import annotations
@@ -153,13 +153,19 @@ def markdown(checks: list[dict], rule: list[dict]) -> str:
     return "\n".join(lines)
 
 
+def _machine_of(path: str) -> dict:
+    with open(path) as handle:
+        info = json.load(handle).get("machine_info", {})
+    return info.get("cossim_fast_bench", info)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m bench.targets", description=__doc__.splitlines()[0])
     parser.add_argument("results", nargs="+", help="benchmark JSON (bench.run or pytest-benchmark)")
     parser.add_argument("--json", help="also write the checks and the rule here")
     parser.add_argument(
-        "--write-rule", nargs="?", const=str(rule_file.RULE_FILE), metavar="PATH",
-        help="write the measured rule for the results' GPU architecture (default: the package's auto_rule.json)",
+        "--write-rule", metavar="PATH",
+        help=f"add the measured rule for the results' GPU architecture to this rule file (the package's: {rule_file.RULE_FILE})",
     )
     args = parser.parse_args(argv)
     rows, machine, _ = report.load(args.results)
@@ -172,12 +178,19 @@ def main(argv: list[str] | None = None) -> int:
         with open(args.json, "w") as handle:
             json.dump({"checks": checks, "auto_rule": rule}, handle, indent=1)
     if args.write_rule:
-        if not machine.get("gpu_capability"):
-            parser.error("--write-rule: the results name no GPU architecture (gpu_capability in machine_info)")
-        entries = rule_file.entries_from_targets(rule, machine["gpu_capability"], machine.get("gpu", "?"), " ".join(args.results))
+        path = Path(args.write_rule)
+        if any(path.resolve() == Path(results).resolve() for results in args.results):
+            parser.error(f"--write-rule {path}: that is one of the results files")
+        archs = {_machine_of(results).get("gpu_capability") for results in args.results}
+        if len(archs) != 1 or None in archs:
+            parser.error(f"--write-rule: the results must come from one GPU architecture (gpu_capability: {sorted(map(str, archs))})")
+        entries = rule_file.entries_from_targets(rule, archs.pop(), machine.get("gpu", "?"), " ".join(args.results))
         if not entries:
             parser.error("--write-rule: no operation was measured for both triton and cuda")
-        rule_file.write(entries, Path(args.write_rule))
+        try:
+            rule_file.write(entries, path)
+        except ValueError as error:
+            parser.error(f"--write-rule: {error}")
         print(f"wrote {len(entries)} measurements for sm {machine['gpu_capability']} ({machine.get('gpu')}) to {args.write_rule}")
     return 0
 

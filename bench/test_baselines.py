@@ -193,7 +193,9 @@ def test_targets_write_rule_from_results_files(tmp_path):
     (entry,) = auto_rule.measurements(rule)
     assert (entry["arch"], entry["op"], entry["dtype"], entry["faster"], entry["gpu"]) == (
         "9.0", "max_forward", "bfloat16", "cuda", "NVIDIA H100 80GB HBM3")
-    machine.pop("gpu_capability")
-    results.write_text(json.dumps({"machine_info": machine, "benchmarks": [result("triton", 1.0), result("cuda", 0.8)]}))
-    with pytest.raises(SystemExit):
-        targets.main([str(results), "--write-rule", str(rule)])
+    with pytest.raises(SystemExit):  # would overwrite a results file
+        targets.main([str(results), "--write-rule", str(results)])
+    other = tmp_path / "bench_a100.json"
+    other.write_text(json.dumps({"machine_info": dict(machine, gpu_capability="8.0"), "benchmarks": []}))
+    with pytest.raises(SystemExit):  # two GPU architectures in one rule
+        targets.main([str(results), str(other), "--write-rule", str(rule)])

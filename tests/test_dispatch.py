@@ -134,7 +134,7 @@ def test_unmeasured_cuda_kernels_are_not_chosen_by_auto(fake_gpu):
     assert dispatch.select("max_forward", "auto", cuda, torch.float16, dim=256, rows=16384).name == "triton"
 
 
-def test_rule_entries_from_targets_replace_their_architecture(tmp_path):
+def test_rule_entries_replace_their_architecture_op_and_dtype(tmp_path):
     path = tmp_path / "auto_rule.json"
     auto_rule.write([_entry("max_forward", 256, 16384, "cuda", arch="8.0")], path)
     measured = [{"op": "max-fwd", "dtype": "bf16", "C": 256, "N": 131072, "M": 4096, "faster": "triton",
@@ -144,10 +144,18 @@ def test_rule_entries_from_targets_replace_their_architecture(tmp_path):
                 {"op": "max-fwd_bwd", "dtype": "bf16", "C": 256, "N": 131072, "M": 4096, "faster": "cuda",
                  "triton_ms": 3.0, "cuda_ms": 2.0}]
     auto_rule.write(auto_rule.entries_from_targets(measured, "9.0", "NVIDIA H100", "bench.json"), path)
-    auto_rule.write(auto_rule.entries_from_targets(measured[:1], "9.0", "NVIDIA H100", "bench.json"), path)  # replaces 9.0
+    measured[0]["faster"] = "cuda"
+    auto_rule.write(auto_rule.entries_from_targets(measured[:1], "9.0", "NVIDIA H100", "bench.json"), path)  # a rerun of bf16
     entries = auto_rule.measurements(path)
-    assert sorted((e["arch"], e["op"]) for e in entries) == [("8.0", "max_forward"), ("9.0", "max_forward")]
-    assert auto_rule.preferred("max_forward", "9.0", torch.bfloat16, 256, 131072, entries) == "triton"
+    assert sorted((e["arch"], e["op"], e["faster"]) for e in entries) == [
+        ("8.0", "max_forward", "cuda"), ("9.0", "all_backward", "cuda"), ("9.0", "all_forward", "cuda"),
+        ("9.0", "max_forward", "cuda"),  # replaced; the fp32 "all" entries of the first run are kept
+    ]
+    assert auto_rule.preferred("max_forward", "9.0", torch.bfloat16, 256, 131072, entries) == "cuda"
+    not_a_rule = tmp_path / "bench.json"
+    not_a_rule.write_text('{"benchmarks": []}')
+    with pytest.raises(ValueError, match="not a rule file"):
+        auto_rule.write(entries[:1], not_a_rule)
     assert {e["op"] for e in auto_rule.entries_from_targets(measured, "9.0", "x", "y")} == {
         "max_forward", "all_forward", "all_backward"}  # a max fwd+bwd time stands for no single op
 
@@ -157,3 +165,11 @@ def test_the_shipped_rule_file_is_readable():
     assert isinstance(entries, tuple)
     for entry in entries:
         assert entry["faster"] in auto_rule.FUSED and entry["arch"].count(".") == 1
+
+
+def test_a_skipped_measured_winner_does_not_hand_over_to_the_slower_fused_backend(fake_gpu, monkeypatch):
+    # Triton measured faster than cuda for fp32, but "auto" skips Triton's exact fp32 dots
+    # (slower than cuBLAS): the torch backend, not the even slower cuda kernels, runs it.
+    monkeypatch.setattr(auto_rule, "measurements", lambda path=None: (_entry("max_forward", 256, 16384, "triton", dtype="float32"),))
+    cuda = torch.device("cuda")
+    assert dispatch.select("max_forward", "auto", cuda, torch.float32, dim=256, rows=16384).name == "torch"

@@ -87,9 +87,12 @@ def entries_from_targets(rule: list[dict], arch: str, gpu: str, source: str) -> 
 
 
 def write(entries: list[dict], path: Path = RULE_FILE) -> None:
-    """Replace the measurements of ``entries``' architectures in ``path`` with ``entries``."""
-    archs = {entry["arch"] for entry in entries}
-    kept = [entry for entry in measurements(path) if entry["arch"] not in archs]
+    """Add ``entries`` to ``path``, replacing its earlier measurements of the same architecture,
+    operation and dtype (a run of fp32 cases keeps the bf16 ones)."""
+    if path.is_file() and "measurements" not in json.loads(path.read_text()):
+        raise ValueError(f"{path} is not a rule file (no 'measurements'): not overwritten")
+    replaced = {(entry["arch"], entry["op"], entry["dtype"]) for entry in entries}
+    kept = [entry for entry in measurements(path) if (entry["arch"], entry["op"], entry["dtype"]) not in replaced]
     measurements.cache_clear()
     document = {
         "about": "Measured faster fused backend per GPU architecture, operation, dtype and shape; "

@@ -91,16 +91,22 @@ def select(
     dtypes = tuple(dict.fromkeys((dtype, *more_dtypes)))
     requested = requested_backend(backend)
     auto_order = AUTO_ORDER.get(device.type, DEFAULT_ORDER)
+    faster = None
     if requested == "auto" and device.type == "cuda":
         faster = auto_rule.preferred(op, auto_rule.capability(device), dtype, dim, rows)
         if faster:  # the fused backend measured faster on this GPU goes first
             auto_order = (faster, *(name for name in auto_order if name != faster))
     candidates = auto_order if requested == "auto" else (requested, *auto_order)
     reasons: dict[str, list[str]] = {}
+    skipped_faster = False
     for name in dict.fromkeys(candidates):
         why = list(dict.fromkeys(reason for d in dtypes for reason in unsupported_reasons(name, op, device, d)))
         if not why and requested == "auto" and name != candidates[-1]:
-            if any(load_backend(name).auto_skip_reasons(op, device, d) for d in dtypes):
+            # The fused backend measured slower than one "auto" skips (e.g. Triton's exact
+            # fp32 dots, slower than cuBLAS) is not the next best: go on to the fallback.
+            slower = skipped_faster and name in auto_rule.FUSED
+            if slower or any(load_backend(name).auto_skip_reasons(op, device, d) for d in dtypes):
+                skipped_faster = skipped_faster or name == faster
                 continue
         if not why:
             # An explicit request that cannot run, or "auto" left with no fused backend, is

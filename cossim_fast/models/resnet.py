@@ -16,8 +16,8 @@ backward and recompute the rest there: activations are what limits resolution an
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable, Iterator, Mapping
-from contextlib import contextmanager, nullcontext
+from collections.abc import Callable, Mapping
+from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 from typing import cast
@@ -231,7 +231,7 @@ class ResNet(nn.Module):
         # The blocks draw no random numbers, so the RNG state need not be saved and restored.
         return checkpoint(
             segment, x, use_reentrant=False, preserve_rng_state=False,
-            context_fn=lambda: (nullcontext(), _running_stats_kept(owner)),
+            context_fn=lambda: (nullcontext(), _RunningStatsKept(owner)),
         )
 
     def forward(self, x: Tensor) -> Tensor:
@@ -239,24 +239,29 @@ class ResNet(nn.Module):
         return self.forward_features(x)[1]
 
 
-@contextmanager
-def _running_stats_kept(module: nn.Module) -> Iterator[None]:
+class _RunningStatsKept:
     """While recomputing, BatchNorm layers in train mode normalize with the batch statistics, as
     the first pass did, and update their running statistics again: put those back (the first
-    pass updated them already). Restoring keeps the recomputation's saved tensors the same."""
-    buffers = [
-        buffer
-        for m in module.modules()
-        if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.training and m.track_running_stats
-        for buffer in (m.running_mean, m.running_var, m.num_batches_tracked)
-        if buffer is not None
-    ]
-    saved = [buffer.clone() for buffer in buffers]
-    try:
-        yield
-    finally:
-        for buffer, value in zip(buffers, saved):
+    pass updated them already). Restoring keeps the recomputation's saved tensors the same.
+    Reusable: a graph kept with ``retain_graph=True`` recomputes once per backward."""
+
+    def __init__(self, module: nn.Module) -> None:
+        self.module = module
+
+    def __enter__(self) -> None:
+        self.buffers = [
+            buffer
+            for m in self.module.modules()
+            if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.training and m.track_running_stats
+            for buffer in (m.running_mean, m.running_var, m.num_batches_tracked)
+            if buffer is not None
+        ]
+        self.saved = [buffer.clone() for buffer in self.buffers]
+
+    def __exit__(self, *exc) -> None:
+        for buffer, value in zip(self.buffers, self.saved):
             buffer.copy_(value)
+        self.buffers, self.saved = [], []
 
 
 @dataclass(frozen=True)

@@ -65,6 +65,15 @@ def save_atomic(payload: dict[str, Any], path: str | Path) -> None:
 
 
 def _umask() -> int:
+    """The process's umask, read without changing it where Linux reports it (setting it to read
+    it would briefly open up files other threads create)."""
+    try:
+        with open("/proc/self/status") as status:
+            for line in status:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except OSError:
+        pass
     mask = os.umask(0)
     os.umask(mask)
     return mask

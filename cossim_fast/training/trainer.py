@@ -262,13 +262,13 @@ class Trainer:
             factor = poly_factor(config, iteration)
             for group in self.optimizer.param_groups:
                 group["lr"] = config.optim.lr * factor * group["lr_mult"]
-            for micro in range(config.train.grad_accum):
-                last = micro == config.train.grad_accum - 1
-                try:
+            try:  # the step: its passes, and the optimizer's state on the first one
+                for micro in range(config.train.grad_accum):
+                    last = micro == config.train.grad_accum - 1
                     stats.add(self._micro_step(next(streams[0]), next(streams[1]), iteration, last))
-                except torch.cuda.OutOfMemoryError as error:
-                    raise memory.out_of_memory(error, config, iteration) from error
-            self.scaler.step(self.optimizer)
+                self.scaler.step(self.optimizer)
+            except torch.cuda.OutOfMemoryError as error:
+                raise memory.out_of_memory(error, config, iteration) from error
             self.scaler.update()
             self.optimizer.zero_grad(set_to_none=True)
             self.iteration += 1

@@ -46,6 +46,20 @@ def test_same_outputs_gradients_and_batchnorm_buffers(feature_point, freeze_bn):
         torch.testing.assert_close(c[1], b, rtol=0, atol=0, msg=name)
 
 
+def test_a_retained_graph_recomputes_for_each_backward():
+    plain, checkpointed = _pair()
+    images = torch.randn(2, 3, 40, 56)
+    for model in (plain, checkpointed):
+        out = model(images)
+        loss = out.logits.square().mean() + out.features.sin().mean()
+        torch.autograd.grad(loss, list(model.parameters())[:1], retain_graph=True)  # first backward
+        loss.backward()  # second backward through the same graph: recomputes again
+    for p, q in zip(plain.parameters(), checkpointed.parameters()):
+        torch.testing.assert_close(q.grad, p.grad, rtol=0, atol=0)
+    for b, c in zip(plain.buffers(), checkpointed.buffers()):
+        torch.testing.assert_close(c, b, rtol=0, atol=0)
+
+
 def test_bottleneck_blocks_and_bfloat16_autocast():
     plain, checkpointed = _pair("deeplabv2_resnet50", width=4)
     images = torch.randn(1, 3, 33, 47)
