@@ -77,3 +77,32 @@ def test_torch_backend_gpu_memory_does_not_grow_with_n_times_m():
             assert extra > dense
         else:
             assert extra < 2 * 64 * 2**20 + 8 * num_rows * dim * 4, f"{extra / 2**20:.0f} MiB"
+
+
+@pytest.mark.parametrize("amp", [None, torch.bfloat16])
+def test_activation_checkpointing_on_cuda_keeps_gradients_and_lowers_peak(amp):
+    import copy
+
+    from cossim_fast.models import build_model
+
+    torch.manual_seed(0)
+    plain = build_model("deeplabv2_resnet50", 19, width=16).cuda().train()
+    checkpointed = copy.deepcopy(plain)
+    checkpointed.backbone.activation_checkpointing = True
+    images = torch.randn(2, 3, 256, 512, device="cuda")
+    peaks = {}
+    for name, model in (("plain", plain), ("checkpointed", checkpointed)):
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        before = torch.cuda.memory_allocated()
+        with torch.autocast("cuda", dtype=amp or torch.float32, enabled=amp is not None):
+            out = model(images)
+            loss = out.logits.float().square().mean() + out.features.float().sin().mean()
+        loss.backward()
+        peaks[name] = torch.cuda.max_memory_allocated() - before
+    tolerance = dict(rtol=2e-2, atol=1e-5) if amp else dict(rtol=1e-4, atol=1e-6)  # cuDNN may pick other algorithms
+    for (name, p), q in zip(plain.named_parameters(), checkpointed.parameters()):
+        torch.testing.assert_close(q.grad, p.grad, msg=name, **tolerance)
+    for (name, b), c in zip(plain.named_buffers(), checkpointed.buffers()):
+        torch.testing.assert_close(c, b, msg=name, **tolerance)
+    assert peaks["checkpointed"] < 0.7 * peaks["plain"], peaks
