@@ -293,10 +293,11 @@ def config_from_dict(values: dict) -> Config:
     return _build(Config, values)
 
 
-#: Keys that change how a run reports, not what it computes.
-REPORTING_KEYS = frozenset({
+#: Keys that change how a run reports, or how fast and lean it runs, not what it computes (so
+#: switching them on resume, e.g. activation checkpointing after running out of memory, is fine).
+NON_RESULT_KEYS = frozenset({
     "output_dir", "train.log_every", "train.eval_every", "train.checkpoint_every", "train.check_values_every",
-    "train.threads", "data.num_workers",
+    "train.threads", "data.num_workers", "model.activation_checkpointing", "cosine.backend",
 })
 
 
@@ -311,12 +312,12 @@ def _flatten(values: dict, prefix: str = "") -> dict[str, Any]:
 
 
 def config_changes(old: dict, new: dict) -> list[str]:
-    """``"key: old -> new"`` for every setting that differs (reporting keys aside)."""
+    """``"key: old -> new"`` for every setting that differs (``NON_RESULT_KEYS`` aside)."""
     before, after = _flatten(old), _flatten(new)
     return [
         f"{key}: {before.get(key, '(absent)')!r} -> {after.get(key, '(absent)')!r}"
         for key in sorted(before.keys() | after.keys())
-        if key not in REPORTING_KEYS and before.get(key) != after.get(key)
+        if key not in NON_RESULT_KEYS and before.get(key) != after.get(key)
     ]
 
 
