@@ -55,6 +55,7 @@ class StepSpec:
     model: str = "deeplabv2_small"
     activation_checkpointing: bool = False
     batch: int = 1  # train step: images per domain, N pixels shared among them
+    ce_bands: int = 1  # train step: the source cross-entropy in this many bands (train.ce_bands)
 
 
 class LossStep:
@@ -132,11 +133,10 @@ class TrainStep:
         return needed
 
     def build(self, rows: int):
-        import torch.nn.functional as F
-
         import cossim_fast
         from bench import baselines
         from cossim_fast.models import build_model
+        from cossim_fast.training.source_loss import upsampled_cross_entropy
         from cossim_fast.training.target_losses import downsample_labels, pseudo_labels
 
         spec = self.spec
@@ -156,8 +156,7 @@ class TrainStep:
         def step():
             with autocast:
                 out = model(source)
-                logits = F.interpolate(out.logits, size=labels.shape[-2:], mode="bilinear", align_corners=False)
-                F.cross_entropy(logits.float(), labels).backward()
+                upsampled_cross_entropy(out.logits, labels, ignore_index=255, bands=spec.ce_bands).backward()
             dictionary.update(out.features.detach().float(), downsample_labels(labels, out.features.shape[-2:]), max_per_class=64)
             with autocast:
                 out_t = model(target)
@@ -419,6 +418,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--step", choices=tuple(STEPS), default="loss", help="what must fit: the loss step, or a training iteration of the trainer's model")
     parser.add_argument("--model", default="deeplabv2_small", help="the trainer model of --step train (its feature channels replace --C)")
     parser.add_argument("--batch", type=int, default=1, help="--step train: images per domain (N is shared among them)")
+    parser.add_argument("--ce-bands", type=int, default=1, help="--step train: the source cross-entropy in this many bands (train.ce_bands)")
     parser.add_argument(
         "--activation-checkpointing", action="store_true",
         help="--step train: the model recomputes its backbone blocks in the backward (model.activation_checkpointing)",
@@ -431,10 +431,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--time-budget", type=float, default=None, help="seconds for the whole run")
     parser.add_argument("--json", default=None, help="write the results (with every probe) here")
     args = parser.parse_args(argv)
-    if (args.activation_checkpointing or args.batch != 1) and args.step != "train":
-        parser.error("--activation-checkpointing and --batch apply to --step train (the loss step has no model)")
-    if args.batch < 1:
-        parser.error(f"--batch must be >= 1, got {args.batch}")
+    if (args.activation_checkpointing or args.batch != 1 or args.ce_bands != 1) and args.step != "train":
+        parser.error("--activation-checkpointing, --batch and --ce-bands apply to --step train (the loss step has no model)")
+    if min(args.batch, args.ce_bands) < 1:
+        parser.error(f"--batch and --ce-bands must be >= 1, got {args.batch} and {args.ce_bands}")
 
     if args.device == "cuda" and not torch.cuda.is_available():
         parser.error("--device cuda needs a CUDA GPU")
@@ -451,7 +451,8 @@ def main(argv: list[str] | None = None) -> int:
     started = time.monotonic()
     deadline = started + args.time_budget if args.time_budget else math.inf
     print(
-        f"memory frontier of the '{args.step}' step{' (activation checkpointing)' if args.activation_checkpointing else ''} "
+        f"memory frontier of the '{args.step}' step{' (activation checkpointing)' if args.activation_checkpointing else ''}"
+        f"{f' (cross-entropy in {args.ce_bands} bands)' if args.ce_bands > 1 else ''} "
         f"on {args.device}: budget {budget / 2**20:.0f} MiB, "
         f"K={args.K}, C={args.C}, {args.dtype}, mode={args.mode}; machine: {json.dumps(harness.machine())}",
         flush=True,
@@ -461,7 +462,7 @@ def main(argv: list[str] | None = None) -> int:
         for impl in impls:
             spec = StepSpec(
                 impl, slots, args.C, args.K, args.dtype, args.mode, args.threshold, args.device, args.step, args.model,
-                args.activation_checkpointing, args.batch,
+                args.activation_checkpointing, args.batch, args.ce_bands,
             )
             reason = unsupported(spec)
             if reason:

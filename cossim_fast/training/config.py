@@ -109,6 +109,7 @@ class TrainConfig:
     batch_size_source: int = 4
     batch_size_target: int = 4
     grad_accum: int = 1
+    ce_bands: int = 1  # source cross-entropy at full resolution in this many bands of rows (memory)
     amp: str = "none"  # none | bf16 | fp16 (autocast on the run's device; fp16 adds loss scaling)
     log_every: int = 20
     eval_every: int = 200
@@ -167,7 +168,7 @@ _IMAGE_SIZE = (lambda v: len(v) == 2 and min(v) >= 1), "[width, height], both >=
 #: Ranges beyond the type, checked where the value is read (None, where allowed, passes).
 RULES: dict[str, tuple[typing.Callable[[Any], bool], str]] = {
     **{f"train.{name}": _POSITIVE for name in (
-        "iterations", "batch_size_source", "batch_size_target", "grad_accum", "log_every", "eval_every",
+        "iterations", "batch_size_source", "batch_size_target", "grad_accum", "ce_bands", "log_every", "eval_every",
         "checkpoint_every", "threads", "check_values_every",
     )},
     **{f"data.{domain}.size": _IMAGE_SIZE for domain in ("source", "target", "val", "synthetic")},
@@ -293,11 +294,12 @@ def config_from_dict(values: dict) -> Config:
     return _build(Config, values)
 
 
-#: Keys that change how a run reports, or how fast and lean it runs, not what it computes (so
-#: switching them on resume, e.g. activation checkpointing after running out of memory, is fine).
+#: Keys that change how a run reports, or how fast and lean it runs, not what it computes (or
+#: only in the last bits), so switching them on resume (e.g. the memory levers after running
+#: out of memory) is not reported as a change of the experiment.
 NON_RESULT_KEYS = frozenset({
     "output_dir", "train.log_every", "train.eval_every", "train.checkpoint_every", "train.check_values_every",
-    "train.threads", "data.num_workers", "model.activation_checkpointing", "cosine.backend",
+    "train.threads", "data.num_workers", "model.activation_checkpointing", "cosine.backend", "train.ce_bands",
 })
 
 

@@ -34,6 +34,11 @@ def memory_levers(config: Config) -> list[str]:
             "model.activation_checkpointing=true: the backbone keeps a third of its activations "
             "(same gradients, about 1.35x the step time)"
         )
+    if config.train.ce_bands == 1:
+        levers.append(
+            "train.ce_bands=8: the source cross-entropy's full-resolution logits a band of rows at a time "
+            "(the same loss up to rounding)"
+        )
     if config.train.amp == "none":
         levers.append("train.amp=bf16: half-size activations")
     batch = max(config.train.batch_size_source, config.train.batch_size_target)

@@ -20,6 +20,7 @@ from cossim_fast.evaluation import ConfusionMatrix
 from cossim_fast.models import build_model
 from cossim_fast.training import checkpoint, distributed, memory, reporting
 from cossim_fast.training.config import Config, DomainConfig, config_changes, save_config, to_dict
+from cossim_fast.training.source_loss import upsampled_cross_entropy
 from cossim_fast.training.streams import CachedDataset, batch_stream
 from cossim_fast.training.target_losses import class_shares, downsample_labels, entropy_loss, pseudo_labels
 
@@ -198,8 +199,7 @@ class Trainer:
         with self._gradient_sync(last and not needs_target):
             with self._autocast():
                 out = self.net(images)
-                logits = F.interpolate(out.logits, size=labels.shape[-2:], mode="bilinear", align_corners=False)
-                ce = F.cross_entropy(logits.float(), labels, ignore_index=IGNORE_INDEX)
+                ce = upsampled_cross_entropy(out.logits, labels, ignore_index=IGNORE_INDEX, bands=config.train.ce_bands)
             self._backward(ce)
         stats = {"loss_ce": ce}
         check = iteration % config.train.check_values_every == 0

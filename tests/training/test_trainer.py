@@ -60,6 +60,18 @@ def test_activation_checkpointing_trains_the_same_model(tiny_config):
     assert torch.equal(lean.dictionary.bank, plain.dictionary.bank)
 
 
+def test_banded_source_loss_trains_the_same_model_up_to_rounding(tiny_config):
+    common = ("train.device=cpu", "train.iterations=3", "train.eval_every=3")
+    plain = Trainer(tiny_config(*common, output="plain"), progress=False)
+    plain.train()
+    banded = Trainer(tiny_config("train.ce_bands=5", *common, output="banded"), progress=False)
+    banded.train()
+    losses = [[row["loss_ce"] for row in run.history if "loss_ce" in row] for run in (plain, banded)]
+    assert losses[0] and losses[0] == pytest.approx(losses[1], rel=1e-5)
+    for name, value in _weights(plain).items():
+        torch.testing.assert_close(banded.model.state_dict()[name], value, rtol=1e-4, atol=1e-6, msg=name)
+
+
 def test_resume_drops_rows_logged_after_the_checkpoint_and_names_config_changes(tiny_config, capsys):
     Trainer(tiny_config(output="run"), progress=False).train(until=4)
     metrics = tiny_config(output="run").output_dir + "/metrics.jsonl"
