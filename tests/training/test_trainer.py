@@ -9,6 +9,7 @@ import torch
 
 from cossim_fast.data import DatasetError
 from cossim_fast.training import Trainer, checkpoint
+from cossim_fast.training import trainer as trainer_module
 from cossim_fast.training.trainer import loss_weight
 
 
@@ -47,29 +48,31 @@ def test_resumed_run_reaches_the_same_weights(tiny_config):
     assert torch.equal(straight.dictionary.bank, resumed.dictionary.bank)
 
 
-def test_activation_checkpointing_trains_the_same_model(tiny_config):
-    # On the CPU the recomputation repeats the first pass's ops exactly: the weights are bitwise equal.
+@pytest.mark.parametrize(
+    "lever, tolerance",
+    [
+        # On the CPU the recomputation repeats the first pass's ops exactly: bitwise equal.
+        ("model.activation_checkpointing=true", dict(rtol=0, atol=0)),
+        # grid_sample's bands sum the loss in another order: equal up to rounding.
+        ("train.ce_bands=5", dict(rtol=1e-4, atol=1e-6)),
+    ],
+)
+def test_memory_levers_train_the_same_model(tiny_config, lever, tolerance, monkeypatch):
     common = ("train.device=cpu", "train.iterations=3", "train.eval_every=3")
     plain = Trainer(tiny_config(*common, output="plain"), progress=False)
     plain.train()
-    lean = Trainer(tiny_config("model.activation_checkpointing=true", *common, output="lean"), progress=False)
-    assert lean.model.backbone.activation_checkpointing
+    bands = []  # the lever must reach the code it names
+    loss = trainer_module.upsampled_cross_entropy
+    monkeypatch.setattr(trainer_module, "upsampled_cross_entropy", lambda *a, **k: bands.append(k["bands"]) or loss(*a, **k))
+    lean = Trainer(tiny_config(lever, *common, output="lean"), progress=False)
     lean.train()
+    assert lean.model.backbone.activation_checkpointing == ("checkpointing" in lever)
+    assert set(bands) == ({5} if "ce_bands" in lever else {1})
+    losses = [[row["loss_ce"] for row in run.history if "loss_ce" in row] for run in (plain, lean)]
+    assert losses[0] and losses[0] == pytest.approx(losses[1], rel=tolerance["rtol"])
     for name, value in _weights(plain).items():
-        torch.testing.assert_close(lean.model.state_dict()[name], value, rtol=0, atol=0, msg=name)
-    assert torch.equal(lean.dictionary.bank, plain.dictionary.bank)
-
-
-def test_banded_source_loss_trains_the_same_model_up_to_rounding(tiny_config):
-    common = ("train.device=cpu", "train.iterations=3", "train.eval_every=3")
-    plain = Trainer(tiny_config(*common, output="plain"), progress=False)
-    plain.train()
-    banded = Trainer(tiny_config("train.ce_bands=5", *common, output="banded"), progress=False)
-    banded.train()
-    losses = [[row["loss_ce"] for row in run.history if "loss_ce" in row] for run in (plain, banded)]
-    assert losses[0] and losses[0] == pytest.approx(losses[1], rel=1e-5)
-    for name, value in _weights(plain).items():
-        torch.testing.assert_close(banded.model.state_dict()[name], value, rtol=1e-4, atol=1e-6, msg=name)
+        torch.testing.assert_close(lean.model.state_dict()[name], value, msg=name, **tolerance)
+    torch.testing.assert_close(lean.dictionary.bank, plain.dictionary.bank, **tolerance)
 
 
 def test_resume_drops_rows_logged_after_the_checkpoint_and_names_config_changes(tiny_config, capsys):
