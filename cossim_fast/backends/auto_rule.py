@@ -2,8 +2,8 @@
 
 ``auto_rule.json`` (beside this module) holds measurements: for a GPU architecture (compute
 capability), an operation, a dtype and a measured shape (C, N), which of "triton" and "cuda"
-was faster there, as ``python -m bench.targets RESULTS.json --write-rule`` found it on that GPU
-(the file also names the GPU, the date and the results it came from). A call takes the
+was faster there, as ``python -m bench.targets RESULTS.json --write-rule PATH`` found it on that
+GPU (each entry also names the GPU, the results it came from and both times). A call takes the
 measurement of its architecture, operation and dtype nearest its shape: C first, then N, both
 on a log scale. Where nothing was measured "auto" keeps its default order (``dispatch``), in
 which the CUDA forward kernels are not chosen until a measurement prefers them.
@@ -45,16 +45,20 @@ def capability(device: torch.device) -> str | None:
     return f"{major}.{minor}"
 
 
+def _matching(op: str, arch: str | None, dtype: torch.dtype, entries: tuple[dict, ...] | None = None) -> list[dict]:
+    dtype_name = str(dtype).removeprefix("torch.")
+    return [
+        entry for entry in (measurements() if entries is None else entries)
+        if entry["arch"] == arch and entry["op"] == op and entry["dtype"] == dtype_name
+    ]
+
+
 def preferred(
     op: str, arch: str | None, dtype: torch.dtype, dim: int | None, rows: int | None, entries: tuple[dict, ...] | None = None
 ) -> str | None:
     """The fused backend measured faster for ``op`` on architecture ``arch`` ("9.0") at the
     nearest measured shape, or None where nothing was measured."""
-    dtype_name = str(dtype).removeprefix("torch.")
-    candidates = [
-        entry for entry in (measurements() if entries is None else entries)
-        if entry["arch"] == arch and entry["op"] == op and entry["dtype"] == dtype_name
-    ]
+    candidates = _matching(op, arch, dtype, entries)
     if not candidates:
         return None
 
@@ -69,8 +73,7 @@ def preferred(
 
 def measured(op: str, arch: str | None, dtype: torch.dtype) -> bool:
     """Whether both fused backends were measured (so ran) for ``op`` and ``dtype`` on ``arch``."""
-    dtype_name = str(dtype).removeprefix("torch.")
-    return any(e["arch"] == arch and e["op"] == op and e["dtype"] == dtype_name for e in measurements())
+    return bool(_matching(op, arch, dtype))
 
 
 def entries_from_targets(rule: list[dict], arch: str, gpu: str, source: str) -> list[dict]:
