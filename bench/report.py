@@ -30,14 +30,19 @@ def _percentile(data: list[float], q: float) -> float:
     return ordered[low] + (ordered[high] - ordered[low]) * (position - low)
 
 
+def machine_of(document: dict) -> dict:
+    """The machine a results document was measured on (bench.run's or pytest-benchmark's layout)."""
+    info = document.get("machine_info", {})
+    return info.get("cossim_fast_bench", info)
+
+
 def load(paths: list[str]) -> tuple[list[dict], dict, list[dict]]:
     """``(rows, machine, skipped)``: one flat row per benchmark result."""
     rows, machine, skipped = [], {}, []
     for path in paths:
         with open(path) as handle:
             document = json.load(handle)
-        info = document.get("machine_info", {})
-        machine.update(info.get("cossim_fast_bench", info))
+        machine.update(machine_of(document))
         if document.get("datetime"):
             machine.setdefault("date", document["datetime"])
         skipped += document.get("skipped", [])

@@ -66,8 +66,9 @@ def evaluate(rows: list[dict], missing: dict[str, str] | None = None) -> list[di
     """One record per (fused backend, target, shape) of the run: measured against its goal, or
     ``met = None`` with the reason it could not be checked (a case skipped, failed, not run)."""
     table, missing = _index(rows), missing or {}
-    shapes = sorted({key[1:] for key in table} | {_shape_of(case) for case in missing if _shape_of(case)})
-    ops = {key[0] for key in table} | {case.split("-", 2)[0] + "-" + case.split("-", 2)[1] for case in missing}
+    cases = [fields for fields in map(_case_fields, missing) if fields]
+    shapes = sorted({key[1:] for key in table} | {fields[2:] for fields in cases})
+    ops = {key[0] for key in table} | {fields[0] for fields in cases}
     checks = []
     for rows_n, slots, dim, dtype in shapes:
         for target, op, baseline_impl, goal, unit in TARGETS:
@@ -95,22 +96,19 @@ def _case_id(op: str, impl: str, rows_n: int, slots: int, dim: int, dtype: str) 
     return f"{op}-{impl}-N{rows_n}-M{slots}-C{dim}-{dtype}"  # as harness.Case.id
 
 
-def _shape_of(case_id: str) -> tuple | None:
-    """(N, M, C, dtype) of a ``harness.Case.id``."""
-    parts = case_id.split("-")
+def _case_fields(case_id: str) -> tuple | None:
+    """(op, impl, N, M, C, dtype) of a ``harness.Case.id`` (read from the end: ops hold dashes)."""
     try:
-        rows_n, slots, dim = (int(part[1:]) for part in parts[-4:-1])
+        *op, impl, rows_n, slots, dim, dtype = case_id.split("-")
+        return "-".join(op), impl, int(rows_n[1:]), int(slots[1:]), int(dim[1:]), dtype
     except ValueError:
         return None
-    return rows_n, slots, dim, parts[-1]
 
 
-def missing_cases(paths: list[str]) -> dict[str, str]:
+def missing_cases(documents: list[dict]) -> dict[str, str]:
     """Case id -> why it has no result (skipped, failed, not run in the time budget)."""
     why: dict[str, str] = {}
-    for path in paths:
-        with open(path) as handle:
-            document = json.load(handle)
+    for document in documents:
         for entry in document.get("skipped", []):
             why[entry["case"]] = f"skipped ({entry['reason']})"
         for entry in document.get("errors", []):
@@ -153,12 +151,6 @@ def markdown(checks: list[dict], rule: list[dict]) -> str:
     return "\n".join(lines)
 
 
-def _machine_of(path: str) -> dict:
-    with open(path) as handle:
-        info = json.load(handle).get("machine_info", {})
-    return info.get("cossim_fast_bench", info)
-
-
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m bench.targets", description=__doc__.splitlines()[0])
     parser.add_argument("results", nargs="+", help="benchmark JSON (bench.run or pytest-benchmark)")
@@ -169,7 +161,11 @@ def main(argv: list[str] | None = None) -> int:
     )
     args = parser.parse_args(argv)
     rows, machine, _ = report.load(args.results)
-    checks, rule = evaluate(rows, missing_cases(args.results)), auto_rule(rows)
+    documents = []
+    for results in args.results:
+        with open(results) as handle:
+            documents.append(json.load(handle))
+    checks, rule = evaluate(rows, missing_cases(documents)), auto_rule(rows)
     if not checks and not rule:
         print("no results of the targets' operations in these files")
         return 1
@@ -181,10 +177,11 @@ def main(argv: list[str] | None = None) -> int:
         path = Path(args.write_rule)
         if any(path.resolve() == Path(results).resolve() for results in args.results):
             parser.error(f"--write-rule {path}: that is one of the results files")
-        archs = {_machine_of(results).get("gpu_capability") for results in args.results}
+        archs = {report.machine_of(document).get("gpu_capability") for document in documents}
         if len(archs) != 1 or None in archs:
             parser.error(f"--write-rule: the results must come from one GPU architecture (gpu_capability: {sorted(map(str, archs))})")
-        entries = rule_file.entries_from_targets(rule, archs.pop(), machine.get("gpu", "?"), " ".join(args.results))
+        arch = archs.pop()
+        entries = rule_file.entries_from_targets(rule, arch, machine.get("gpu", "?"), " ".join(args.results))
         if not entries:  # e.g. the cuda backend could not run: nothing to prefer, not a failed check
             print(f"--write-rule: no operation was measured for both triton and cuda; {path} not written")
             return 0
@@ -192,7 +189,7 @@ def main(argv: list[str] | None = None) -> int:
             rule_file.write(entries, path)
         except ValueError as error:
             parser.error(f"--write-rule: {error}")
-        print(f"wrote {len(entries)} measurements for sm {machine['gpu_capability']} ({machine.get('gpu')}) to {args.write_rule}")
+        print(f"wrote {len(entries)} measurements for sm {arch} ({machine.get('gpu')}) to {path}")
     return 0
 
 
