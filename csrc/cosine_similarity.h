@@ -1,6 +1,7 @@
 // The class-bucketed cosine-similarity forward and backward of METHOD.md 3 and 4: declarations
 // shared by the host-side checks (cosine_similarity.cpp, compiled in every build) and the CUDA
-// kernels (cuda/cosine_similarity.cu, compiled only with -DWITH_CUDA).
+// kernels (cuda/cosine_similarity_kernels.cuh, launched by cuda/cosine_similarity.cu, compiled
+// only with -DWITH_CUDA; the tests also compile the kernels for a CPU emulation).
 //
 // Schemas (registered in cossim_fast.cpp):
 //   cossim_fast::cuda_max_forward(Tensor features, Tensor labels, Tensor bank, Tensor counts,
