@@ -1,17 +1,20 @@
-"""The CUDA backend's cosine-similarity kernels (csrc/cuda/cosine_similarity.cu).
+"""The CUDA backend's cosine-similarity kernels (csrc/cuda/cosine_similarity_kernels.cuh).
 
 CPU-runnable: op schemas, every host-side argument check (through the CPU kernel, which runs the
 same checks and then refuses), fake kernels under FakeTensorMode and on meta tensors, the device
 schedule ``class_tiles``, ``CudaBackend.unsupported_reasons`` and the precision setting.
 
-GPU-marked (skipped without CUDA by tests/conftest.py): the kernels against the "reference"
-backend on odd shapes, every dtype and fp32 precision, exact ties, bitwise determinism, no host
-synchronization, gradients, and agreement with the Triton backend.
+The kernels against the "reference" backend on odd shapes, every dtype and fp32 precision, exact
+ties, bitwise determinism, gradients, and agreement with the Triton backend: on a GPU (marked
+``gpu``, skipped without CUDA by tests/conftest.py) and, everywhere, on the CPU through the
+emulation of tests/cuda_emulation, which runs the same kernel source. GPU only: no host
+synchronization, the public API through dispatch, opcheck, devices.
 """
 
 from __future__ import annotations
 
 import re
+from dataclasses import dataclass
 
 import pytest
 import torch
@@ -22,6 +25,7 @@ from cossim_fast.backends import cuda as cuda_backend
 from cossim_fast.backends.cuda import CudaBackend
 from cossim_fast.backends.schedule import class_tiles
 from cossim_fast.backends.reference import ReferenceBackend, dense_similarity
+from cuda_emulation import EmulatedCudaBackend
 
 pytestmark = pytest.mark.skipif(
     _extension.load_error is not None and _extension.load_error.startswith(_extension.NOT_BUILT),
@@ -350,10 +354,27 @@ def test_fp32_precision_setting(monkeypatch):
 
 
 # ============================================================================================
-# GPU: the kernels against the reference
+# The kernels against the reference: on a GPU, and on the CPU through the CUDA emulation
 # ============================================================================================
 
 gpu = pytest.mark.gpu
+
+
+@dataclass(frozen=True)
+class Target:
+    """Where the kernels run: the compiled ops on a GPU, or the same kernel source compiled
+    for the CPU emulation of tests/cuda_emulation (logic only, no GPU verification)."""
+
+    backend: CudaBackend
+    device: str
+
+
+@pytest.fixture(params=[pytest.param("cuda", marks=gpu), "emulated"])
+def target(request):
+    if request.param == "cuda":
+        return Target(CUDA, "cuda")
+    return Target(EmulatedCudaBackend(), "cpu")
+
 DTYPES = [torch.float32, torch.bfloat16, torch.float16]
 
 #: Tolerances in one table, by (feature dtype, fp32 precision). "sim": values, ssum per term and
@@ -380,7 +401,7 @@ SHAPES = {
 }
 
 
-def make_case(num_classes, slots, dim, counts, num_rows, *, dtype, bank_dtype=None, images=1, labels=None, seed=0, contiguous=None):
+def make_case(device, num_classes, slots, dim, counts, num_rows, *, dtype, bank_dtype=None, images=1, labels=None, seed=0, contiguous=None):
     """Unit-norm bank and (B, P, C) features (strided NCHW view, or contiguous rows)."""
     gen = torch.Generator().manual_seed(seed)
     bank = torch.nn.functional.normalize(torch.randn(num_classes, slots, dim, generator=gen), dim=2)
@@ -389,13 +410,13 @@ def make_case(num_classes, slots, dim, counts, num_rows, *, dtype, bank_dtype=No
         labels = torch.randint(0, num_classes, (images * points,), generator=gen)
         labels[torch.rand(images * points, generator=gen) < 0.1] = IGNORE
     if contiguous if contiguous is not None else images == 1:
-        features = (torch.randn(images, points, dim, generator=gen) * 3).to(device="cuda", dtype=dtype)
+        features = (torch.randn(images, points, dim, generator=gen) * 3).to(device=device, dtype=dtype)
     else:
         maps = torch.randn(images, dim, points, generator=gen) * 3
-        features = maps.to(device="cuda", dtype=dtype).transpose(1, 2)  # channel stride P
-    counts = torch.as_tensor(counts, dtype=torch.int64, device="cuda")
-    bank = bank.to(device="cuda", dtype=bank_dtype or dtype)
-    return features, labels.to("cuda"), bank, counts
+        features = maps.to(device=device, dtype=dtype).transpose(1, 2)  # channel stride P
+    counts = torch.as_tensor(counts, dtype=torch.int64, device=device)
+    bank = bank.to(device=device, dtype=bank_dtype or dtype)
+    return features, labels.to(device), bank, counts
 
 
 @pytest.fixture
@@ -445,18 +466,17 @@ CONFIGS = [(torch.float32, "ieee"), (torch.float32, "tf32"), (torch.bfloat16, "i
 CONFIG_IDS = ["fp32", "tf32", "bf16", "fp16"]
 
 
-@gpu
 @pytest.mark.parametrize("dtype, fp32", CONFIGS, ids=CONFIG_IDS)
 @pytest.mark.parametrize("shape", list(SHAPES))
-def test_max_forward_matches_reference(shape, dtype, fp32, precision):
+def test_max_forward_matches_reference(shape, dtype, fp32, precision, target):
     precision(fp32)
     num_classes, slots, dim, counts, num_rows, images = SHAPES[shape]
-    features, labels, bank, counts = make_case(num_classes, slots, dim, counts, num_rows, dtype=dtype, images=images)
+    features, labels, bank, counts = make_case(target.device, num_classes, slots, dim, counts, num_rows, dtype=dtype, images=images)
     if shape == "small":  # class 0 gets a single row; class 1 rows meet an empty bucket
         labels[labels == 0] = 2
         labels[7] = 0
     tol = TOLERANCES[(dtype, fp32)]["sim"]
-    got = CUDA.max_forward(features, labels, bank, counts, IGNORE)
+    got = target.backend.max_forward(features, labels, bank, counts, IGNORE)
     want = REFERENCE.max_forward(features, labels, bank, counts, IGNORE)
     assert_same_max(features, labels, bank, counts, got, want, tol)
     empty = (labels == IGNORE) | (counts[labels.clamp(max=num_classes - 1)] == 0)
@@ -464,15 +484,14 @@ def test_max_forward_matches_reference(shape, dtype, fp32, precision):
     assert torch.isneginf(got[0][empty]).all() and not torch.isinf(got[0][~empty]).any()
 
 
-@gpu
 @pytest.mark.parametrize("dtype, fp32", CONFIGS, ids=CONFIG_IDS)
 @pytest.mark.parametrize("shape", ["small", "m_below_tile", "large_c", "vector_loads"])
-def test_all_forward_matches_reference(shape, dtype, fp32, precision):
+@pytest.mark.parametrize("threshold", [0.05, -0.3])  # below 0: the zero padding past counts[k] would pass
+def test_all_forward_matches_reference(shape, threshold, dtype, fp32, precision, target):
     precision(fp32)
     num_classes, slots, dim, counts, num_rows, images = SHAPES[shape]
-    features, labels, bank, counts = make_case(num_classes, slots, dim, counts, num_rows, dtype=dtype, images=images)
-    threshold = 0.05
-    count, ssum, dsum = CUDA.all_forward(features, labels, bank, counts, threshold, IGNORE)
+    features, labels, bank, counts = make_case(target.device, num_classes, slots, dim, counts, num_rows, dtype=dtype, images=images)
+    count, ssum, dsum = target.backend.all_forward(features, labels, bank, counts, threshold, IGNORE)
     ref_count, ref_ssum, ref_dsum = REFERENCE.all_forward(features, labels, bank, counts, threshold, IGNORE)
     assert count.dtype == torch.int64 and ssum.dtype == dsum.dtype == torch.float32 and dsum.is_contiguous()
     assert_same_all(features, labels, bank, counts, threshold, (count, ssum, dsum), (ref_count, ref_ssum, ref_dsum),
@@ -481,56 +500,53 @@ def test_all_forward_matches_reference(shape, dtype, fp32, precision):
     assert (count[ignored] == 0).all() and (ssum[ignored] == 0).all() and (dsum[ignored] == 0).all()
 
 
-@gpu
 @pytest.mark.parametrize("feature_dtype, bank_dtype", [
     (torch.bfloat16, torch.float32), (torch.float32, torch.float16), (torch.float16, torch.bfloat16), (torch.bfloat16, torch.float16),
 ], ids=["bf16-fp32", "fp32-fp16", "fp16-bf16", "bf16-fp16"])
-def test_mixed_dtypes_use_exact_fp32(feature_dtype, bank_dtype, precision):
+def test_mixed_dtypes_use_exact_fp32(feature_dtype, bank_dtype, precision, target):
     precision("tf32")  # ignored for mixed pairs: they are dotted in exact fp32
-    features, labels, bank, counts = make_case(3, 70, 40, [10, 70, 0], 150, dtype=feature_dtype, bank_dtype=bank_dtype, images=2)
-    got = CUDA.max_forward(features, labels, bank, counts, IGNORE)
+    features, labels, bank, counts = make_case(target.device, 3, 70, 40, [10, 70, 0], 150, dtype=feature_dtype, bank_dtype=bank_dtype, images=2)
+    got = target.backend.max_forward(features, labels, bank, counts, IGNORE)
     want = REFERENCE.max_forward(features, labels, bank, counts, IGNORE)
     assert_same_max(features, labels, bank, counts, got, want, 1e-5)
-    got = CUDA.all_forward(features, labels, bank, counts, 0.0, IGNORE)
+    got = target.backend.all_forward(features, labels, bank, counts, 0.0, IGNORE)
     want = REFERENCE.all_forward(features, labels, bank, counts, 0.0, IGNORE)
     assert_same_all(features, labels, bank, counts, 0.0, got, want, {"sim": 1e-5, "dsum": 1e-4}, min_sure=0.9)
 
 
-@gpu
 @pytest.mark.parametrize("dtype, fp32", CONFIGS, ids=CONFIG_IDS)
-def test_all_rows_one_class(dtype, fp32, precision):
+def test_all_rows_one_class(dtype, fp32, precision, target):
     precision(fp32)
-    features, labels, bank, counts = make_case(3, 70, 40, [10, 70, 0], 150, dtype=dtype)
+    features, labels, bank, counts = make_case(target.device, 3, 70, 40, [10, 70, 0], 150, dtype=dtype)
     labels = torch.ones_like(labels)  # one class, 3 row tiles (64 + 64 + 22)
     tol = TOLERANCES[(dtype, fp32)]["sim"]
-    got = CUDA.max_forward(features, labels, bank, counts, IGNORE)
+    got = target.backend.max_forward(features, labels, bank, counts, IGNORE)
     assert_same_max(features, labels, bank, counts, got, REFERENCE.max_forward(features, labels, bank, counts, IGNORE), tol)
     assert (got[1] >= 0).all()
     # every row ignored, and a bank whose buckets are all empty
     nothing = torch.full_like(labels, IGNORE)
-    values, indices = CUDA.max_forward(features, nothing, bank, counts, IGNORE)
+    values, indices = target.backend.max_forward(features, nothing, bank, counts, IGNORE)
     assert torch.isneginf(values).all() and (indices == -1).all()
-    values, indices = CUDA.max_forward(features, labels, bank, torch.zeros_like(counts), IGNORE)
+    values, indices = target.backend.max_forward(features, labels, bank, torch.zeros_like(counts), IGNORE)
     assert torch.isneginf(values).all() and (indices == -1).all()
-    count, ssum, dsum = CUDA.all_forward(features, nothing, bank, counts, -2.0, IGNORE)
+    count, ssum, dsum = target.backend.all_forward(features, nothing, bank, counts, -2.0, IGNORE)
     assert (count == 0).all() and (ssum == 0).all() and (dsum == 0).all()
 
 
-@gpu
-def test_empty_inputs():
-    features, labels, bank, counts = make_case(3, 8, 16, [8, 8, 8], 10, dtype=torch.float32)
-    values, indices = CUDA.max_forward(features[:, :0], labels[:0], bank, counts, IGNORE)
+def test_empty_inputs(target):
+    features, labels, bank, counts = make_case(target.device, 3, 8, 16, [8, 8, 8], 10, dtype=torch.float32)
+    values, indices = target.backend.max_forward(features[:, :0], labels[:0], bank, counts, IGNORE)
     assert values.shape == indices.shape == (0,)
-    count, ssum, dsum = CUDA.all_forward(features[:, :0], labels[:0], bank, counts, 0.0, IGNORE)
+    count, ssum, dsum = target.backend.all_forward(features[:, :0], labels[:0], bank, counts, 0.0, IGNORE)
     assert count.shape == ssum.shape == (0,) and dsum.shape == (0, 16)
-    grad = CUDA.max_backward(values, features[:, :0], labels[:0], bank, values, indices)
+    grad = target.backend.max_backward(values, features[:, :0], labels[:0], bank, values, indices)
     assert grad.shape == (0, 16)
     no_classes = bank[:0]
-    values, indices = CUDA.max_forward(features, torch.full_like(labels, IGNORE), no_classes, counts[:0], IGNORE)
+    values, indices = target.backend.max_forward(features, torch.full_like(labels, IGNORE), no_classes, counts[:0], IGNORE)
     assert torch.isneginf(values).all() and (indices == -1).all()
 
 
-def _tie_case(dtype, bank_dtype=None):
+def _tie_case(device, dtype, bank_dtype=None):
     """Bank entries in {0, +-0.5} and small-integer features: every raw dot is exact in every dtype
     (tf32 included) and any summation order, so duplicated slots tie exactly, within a slot tile
     and across the 64-slot tiles."""
@@ -550,7 +566,7 @@ def _tie_case(dtype, bank_dtype=None):
     features[0, 5] = -1.0  # every dot of a row of ones is a multiple of 0.5: more ties
     labels = torch.tensor([0, 1, 0, 0, 0, 1, 0, 1, 0, 1, 0, 1])
     counts = torch.tensor([slots, 131])
-    return (features.to("cuda", dtype), labels.cuda(), bank.to("cuda", bank_dtype or dtype), counts.cuda())
+    return features.to(device, dtype), labels.to(device), bank.to(device, bank_dtype or dtype), counts.to(device)
 
 
 def _exact_argmax(features, labels, bank, counts):
@@ -563,12 +579,11 @@ def _exact_argmax(features, labels, bank, counts):
     return torch.tensor(out, device=labels.device)
 
 
-@gpu
 @pytest.mark.parametrize("dtype, fp32", CONFIGS + [(torch.bfloat16, "mixed")], ids=CONFIG_IDS + ["bf16-fp32bank"])
-def test_ties_pick_the_lowest_slot(dtype, fp32, precision):
+def test_ties_pick_the_lowest_slot(dtype, fp32, precision, target):
     precision("tf32" if fp32 == "tf32" else "ieee")
-    features, labels, bank, counts = _tie_case(dtype, torch.float32 if fp32 == "mixed" else None)
-    values, indices = CUDA.max_forward(features, labels, bank, counts, IGNORE)
+    features, labels, bank, counts = _tie_case(target.device, dtype, torch.float32 if fp32 == "mixed" else None)
+    values, indices = target.backend.max_forward(features, labels, bank, counts, IGNORE)
     expected = _exact_argmax(features, labels, bank, counts)
     assert torch.equal(indices, expected)
     assert indices[:3].tolist() == [5, 5, 5] and int(indices[3]) == 149
@@ -576,58 +591,56 @@ def test_ties_pick_the_lowest_slot(dtype, fp32, precision):
     torch.testing.assert_close(values, ref_values, atol=1e-5, rtol=0)
 
 
-@gpu
 @pytest.mark.parametrize("dtype, fp32", CONFIGS, ids=CONFIG_IDS)
 @pytest.mark.parametrize("shape", ["small", "large_c", "vector_loads"])
-def test_backward_matches_reference(shape, dtype, fp32, precision):
+def test_backward_matches_reference(shape, dtype, fp32, precision, target):
     precision(fp32)
     num_classes, slots, dim, counts, num_rows, images = SHAPES[shape]
-    features, labels, bank, counts = make_case(num_classes, slots, dim, counts, num_rows, dtype=dtype, images=images)
+    features, labels, bank, counts = make_case(target.device, num_classes, slots, dim, counts, num_rows, dtype=dtype, images=images)
     values, indices = REFERENCE.max_forward(features, labels, bank, counts, IGNORE)
-    grad = torch.randn(labels.shape, device="cuda")
+    grad = torch.randn(labels.shape, device=target.device)
     grad[::5] = 0.0  # rows that carry no gradient skip the gather
     rtol, atol = TOLERANCES[(dtype, fp32)]["grad"]
-    got = CUDA.max_backward(grad, features, labels, bank, values, indices)
+    got = target.backend.max_backward(grad, features, labels, bank, values, indices)
     want = REFERENCE.max_backward(grad, features, labels, bank, values, indices)
     assert got.shape == (labels.numel(), dim) and got.dtype == dtype and got.is_contiguous()
     torch.testing.assert_close(got, want, rtol=rtol, atol=atol)
     assert (got[indices == -1] == 0).all()
     # an expanded (stride 0) incoming gradient, as autograd passes for a sum
-    ones = torch.ones((), device="cuda").expand(labels.numel())
+    ones = torch.ones((), device=target.device).expand(labels.numel())
     torch.testing.assert_close(
-        CUDA.max_backward(ones, features, labels, bank, values, indices),
+        target.backend.max_backward(ones, features, labels, bank, values, indices),
         REFERENCE.max_backward(ones, features, labels, bank, values, indices), rtol=rtol, atol=atol,
     )
 
     _, ssum, dsum = REFERENCE.all_forward(features, labels, bank, counts, 0.05, IGNORE)
-    got = CUDA.all_backward(grad, features, ssum, dsum)
+    got = target.backend.all_backward(grad, features, ssum, dsum)
     want = REFERENCE.all_backward(grad, features, ssum, dsum)
     assert got.dtype == dtype and got.shape == (labels.numel(), dim)
     torch.testing.assert_close(got, want, rtol=rtol, atol=atol)
 
 
-@gpu
 @pytest.mark.parametrize("dtype, fp32", CONFIGS, ids=CONFIG_IDS)
-def test_two_runs_are_bitwise_identical(dtype, fp32, precision):
+def test_two_runs_are_bitwise_identical(dtype, fp32, precision, target):
     precision(fp32)
     num_classes, slots, dim, counts, num_rows, images = SHAPES["large_c"]
-    features, labels, bank, counts = make_case(num_classes, slots, dim, counts, num_rows, dtype=dtype, images=images)
+    features, labels, bank, counts = make_case(target.device, num_classes, slots, dim, counts, num_rows, dtype=dtype, images=images)
     runs = (
-        lambda: CUDA.max_forward(features, labels, bank, counts, IGNORE),
-        lambda: CUDA.all_forward(features, labels, bank, counts, 0.0, IGNORE),
+        lambda: target.backend.max_forward(features, labels, bank, counts, IGNORE),
+        lambda: target.backend.all_forward(features, labels, bank, counts, 0.0, IGNORE),
     )
     for run in runs:
         first, second = run(), run()
         assert all(torch.equal(a.view(torch.uint8), b.view(torch.uint8)) for a, b in zip(first, second))
-    values, indices = CUDA.max_forward(features, labels, bank, counts, IGNORE)
-    grad = torch.randn(labels.shape, device="cuda")
-    first = CUDA.max_backward(grad, features, labels, bank, values, indices)
-    assert torch.equal(first.view(torch.uint8), CUDA.max_backward(grad, features, labels, bank, values, indices).view(torch.uint8))
+    values, indices = target.backend.max_forward(features, labels, bank, counts, IGNORE)
+    grad = torch.randn(labels.shape, device=target.device)
+    first = target.backend.max_backward(grad, features, labels, bank, values, indices)
+    assert torch.equal(first.view(torch.uint8), target.backend.max_backward(grad, features, labels, bank, values, indices).view(torch.uint8))
 
 
 @gpu
 def test_no_host_sync():
-    features, labels, bank, counts = make_case(3, 70, 300, [70, 5, 0], 100, dtype=torch.bfloat16, images=2)
+    features, labels, bank, counts = make_case("cuda", 3, 70, 300, [70, 5, 0], 100, dtype=torch.bfloat16, images=2)
     grad = torch.ones(labels.shape, device="cuda")
     torch.cuda.synchronize()  # every tensor is on the GPU before the check starts
     torch.cuda.set_sync_debug_mode("error")
@@ -644,7 +657,7 @@ def test_no_host_sync():
 @gpu
 def test_public_api_and_gradients_match_reference():
     cossim_fast.set_strict(True)  # no silent fallback to another backend
-    features, labels, bank, counts = make_case(3, 40, 24, [40, 13, 0], 2 * 6 * 7, dtype=torch.float32, images=2)
+    features, labels, bank, counts = make_case("cuda", 3, 40, 24, [40, 13, 0], 2 * 6 * 7, dtype=torch.float32, images=2)
     maps = features.transpose(1, 2).reshape(2, 24, 6, 7)  # B x C x H x W, labels B x H x W
     maps_labels = labels.reshape(2, 6, 7)
     values, indices = cossim_fast.max_cosine_similarity(maps, maps_labels, bank, counts, backend="cuda")
@@ -663,26 +676,25 @@ def test_public_api_and_gradients_match_reference():
         torch.testing.assert_close(results[0][1], results[1][1], atol=1e-6, rtol=1e-5)
 
 
-@gpu
 @pytest.mark.parametrize("dtype", DTYPES, ids=["fp32", "bf16", "fp16"])
-def test_agrees_with_triton(dtype):
+def test_agrees_with_triton(dtype, target):
     triton_module = pytest.importorskip("cossim_fast.backends.triton")
     triton = triton_module.TritonBackend()
-    if triton.unsupported_reasons("max_forward", torch.device("cuda"), dtype):
+    if triton.unsupported_reasons("max_forward", torch.device(target.device), dtype):
         pytest.skip("triton backend unavailable on cuda")
     num_classes, slots, dim, counts, num_rows, images = SHAPES["vector_loads"]
-    features, labels, bank, counts = make_case(num_classes, slots, dim, counts, num_rows, dtype=dtype, images=images)
+    features, labels, bank, counts = make_case(target.device, num_classes, slots, dim, counts, num_rows, dtype=dtype, images=images)
     tol = TOLERANCES[(dtype, "ieee")]
-    got = CUDA.max_forward(features, labels, bank, counts, IGNORE)
+    got = target.backend.max_forward(features, labels, bank, counts, IGNORE)
     other = triton.max_forward(features, labels, bank, counts, IGNORE)
     assert_same_max(features, labels, bank, counts, got, other, tol["sim"] * 2)
-    got_all = CUDA.all_forward(features, labels, bank, counts, 0.05, IGNORE)
+    got_all = target.backend.all_forward(features, labels, bank, counts, 0.05, IGNORE)
     triton_all = triton.all_forward(features, labels, bank, counts, 0.05, IGNORE)
     assert_same_all(features, labels, bank, counts, 0.05, got_all, triton_all, tol, min_sure=0.9)
-    grad = torch.randn(labels.shape, device="cuda")
+    grad = torch.randn(labels.shape, device=target.device)
     rtol, atol = tol["grad"]
     torch.testing.assert_close(
-        CUDA.max_backward(grad, features, labels, bank, *got), triton.max_backward(grad, features, labels, bank, *got),
+        target.backend.max_backward(grad, features, labels, bank, *got), triton.max_backward(grad, features, labels, bank, *got),
         rtol=rtol, atol=atol,
     )
 
@@ -705,7 +717,7 @@ def test_cuda_refuses_tensors_on_another_device():
 @gpu
 @pytest.mark.skipif(not torch.cuda.device_count() > 1, reason="needs two CUDA GPUs")
 def test_runs_on_a_non_current_device():
-    features, labels, bank, counts = make_case(3, 40, 24, [40, 13, 2], 90, dtype=torch.bfloat16)
+    features, labels, bank, counts = make_case("cuda", 3, 40, 24, [40, 13, 2], 90, dtype=torch.bfloat16)
     want = CUDA.max_forward(features, labels, bank, counts, IGNORE)
     moved = [t.to("cuda:1") for t in (features, labels, bank, counts)]
     with torch.cuda.device(0):

@@ -10,7 +10,8 @@
 - backward: ``cuda_max_backward`` / ``cuda_all_backward``, elementwise per row.
 - dictionary update: ``ring_buffer_update``.
 
-The kernels are in ``csrc/cuda/cosine_similarity.cu`` and ``csrc/cuda/dictionary_update.cu``.
+The kernels are in ``csrc/cuda/cosine_similarity_kernels.cuh`` (launched by ``cosine_similarity.cu``)
+and ``csrc/cuda/dictionary_update.cu``.
 """
 
 from __future__ import annotations
@@ -31,7 +32,7 @@ DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 #: How fp32 x fp32 dot products run in the forward kernels.
 FP32_PRECISIONS = ("ieee", "tf32")
 PRECISION_ENV = "COSSIM_FAST_CUDA_FP32_PRECISION"
-#: Rows per thread block of the forward kernels (kBlockM in csrc/cuda/cosine_similarity.cu). A
+#: Rows per thread block of the forward kernels (kBlockM in csrc/cuda/cosine_similarity_kernels.cuh). A
 #: schedule with longer tiles would still be correct (a block loops over its tile), only coarser.
 TILE_ROWS = 64
 #: The tensor-core paths (bf16/fp16, tf32) need compute capability 8.0 (WMMA bf16/tf32).
@@ -88,6 +89,9 @@ class CudaBackend(Backend):
     """Hand-written CUDA kernels of the compiled extension."""
 
     name = "cuda"
+    #: Where the forward/backward ops are looked up: the tests substitute the CPU emulation of
+    #: the same kernels (tests/cuda_emulation), which has functions of the same names.
+    ops = torch.ops.cossim_fast
 
     def unsupported_reasons(self, op: str, device: torch.device, dtype: torch.dtype) -> list[str]:
         reasons = []
@@ -133,12 +137,12 @@ class CudaBackend(Backend):
     def max_forward(self, features, labels, bank, counts, ignore_index):
         # ignore_index is never a class (the contract checks it), so "no class" = outside [0, K).
         rows, tiles = self._schedule(labels, bank)
-        return torch.ops.cossim_fast.cuda_max_forward(
+        return self.ops.cuda_max_forward(
             features, labels, bank, counts.contiguous(), rows, tiles, _fp32_precision
         )
 
     def max_backward(self, grad_values, features, labels, bank, values, indices):
-        return torch.ops.cossim_fast.cuda_max_backward(
+        return self.ops.cuda_max_backward(
             grad_values.to(torch.float32).contiguous(),  # e.g. an expanded (stride 0) gradient
             features,
             labels.contiguous(),
@@ -149,12 +153,12 @@ class CudaBackend(Backend):
 
     def all_forward(self, features, labels, bank, counts, threshold, ignore_index):
         rows, tiles = self._schedule(labels, bank)
-        return torch.ops.cossim_fast.cuda_all_forward(
+        return self.ops.cuda_all_forward(
             features, labels, bank, counts.contiguous(), rows, tiles, float(threshold), _fp32_precision
         )
 
     def all_backward(self, grad_ssum, features, ssum, dsum):
-        return torch.ops.cossim_fast.cuda_all_backward(
+        return self.ops.cuda_all_backward(
             grad_ssum.to(torch.float32).contiguous(),
             features,
             ssum.to(torch.float32).contiguous(),

@@ -1,0 +1,62 @@
+"""The CUDA backend's forward/backward kernels on the CPU, through an emulation of the CUDA
+execution model (cuda_emulation.h says what it checks and what it cannot).
+
+``EmulatedCudaBackend()`` compiles ``emulated_kernels.cpp`` -- the kernel source of the GPU build,
+csrc/cuda/cosine_similarity_kernels.cuh, with the CUDA headers replaced by the emulation -- with
+the host C++ compiler (once per torch version; later runs reuse the build) and returns a
+CudaBackend whose ops are the emulated kernels, on CPU tensors. Passing tests here say the
+kernels' logic is right; they say nothing about speed, and do not replace a run on a GPU.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import shutil
+from types import ModuleType
+
+import pytest
+import torch
+from torch.utils import cpp_extension
+
+from cossim_fast.backends.cuda import CudaBackend
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+CSRC = os.path.join(os.path.dirname(os.path.dirname(HERE)), "csrc")
+NAME = "cossim_fast_cuda_emulation"
+FLAGS = ["-O2", "-ffp-contract=off", "-DCOSSIM_FAST_CUDA_EMULATION"]
+
+_built: ModuleType | None = None
+
+
+def module() -> ModuleType:
+    """The compiled emulation; skips the calling test where there is no C++ compiler or ninja
+    (a build that fails is an error, not a skip)."""
+    global _built
+    if _built is None:
+        for tool in (os.environ.get("CXX", "c++"), "ninja"):
+            if shutil.which(tool) is None:
+                pytest.skip(f"the CUDA emulation is built with {tool}, which is not on PATH")
+        version = re.sub(r"[^0-9A-Za-z.]", "_", torch.__version__)
+        build = os.path.join(cpp_extension.get_default_build_root(), f"{NAME}-torch{version}")
+        os.makedirs(build, exist_ok=True)
+        _built = cpp_extension.load(
+            name=NAME,
+            sources=[os.path.join(HERE, "emulated_kernels.cpp")],
+            extra_include_paths=[CSRC, HERE],
+            extra_cflags=FLAGS,
+            build_directory=build,
+        )
+    return _built
+
+
+class EmulatedCudaBackend(CudaBackend):
+    """The CUDA backend with its forward/backward ops replaced by the emulated kernels."""
+
+    def __init__(self) -> None:
+        self.ops = module()
+
+    def unsupported_reasons(self, op: str, device: torch.device, dtype: torch.dtype) -> list[str]:
+        if device.type != "cpu":
+            return [f"the CUDA emulation runs on cpu tensors, got {device.type}"]
+        return [] if op in ("max_forward", "max_backward", "all_forward", "all_backward") else [f"{op} is not emulated"]

@@ -1,0 +1,64 @@
+// The CUDA backend's cosine-similarity kernels (csrc/cuda/cosine_similarity_kernels.cuh), run
+// on CPU tensors through the emulation of cuda_emulation.h, and the emulation's self checks: a
+// Python module for the tests, built on demand by tests/cuda_emulation/__init__.py. The inputs
+// are those the CUDA backend passes to its ops (checked there); the outputs are the ops'.
+#include <string>
+
+#include <torch/extension.h>
+
+#include "cuda/cosine_similarity_kernels.cuh"
+#include "self_checks.h"
+
+namespace {
+
+using cossim_fast::Fp32Precision;
+namespace kernels = cossim_fast::kernels;
+
+struct EmulatedLaunch {
+  template <typename... Params, typename... Args>
+  void operator()(void (*kernel)(Params...), int64_t blocks, const Args&... args) const {
+    cuda_emulation::launch(blocks, kernels::kThreads, [&] { kernel(args...); });
+  }
+};
+
+Fp32Precision precision_of(const std::string& name) {
+  TORCH_CHECK(name == "ieee" || name == "tf32", "fp32_precision must be \"ieee\" or \"tf32\", got \"", name, "\"");
+  return name == "tf32" ? Fp32Precision::kTf32 : Fp32Precision::kIeee;
+}
+
+void check_cpu(const at::Tensor& features) {
+  TORCH_CHECK(features.device().is_cpu(), "the CUDA emulation runs on CPU tensors, got features on ", features.device());
+}
+
+}  // namespace
+
+PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  m.doc() = "The CUDA forward/backward kernels of cossim_fast, emulated on the CPU (tests only).";
+  m.def("cuda_max_forward", [](const at::Tensor& features, const at::Tensor& labels, const at::Tensor& bank,
+                          const at::Tensor& counts, const at::Tensor& rows, const at::Tensor& tiles,
+                          const std::string& fp32_precision) {
+    check_cpu(features);
+    return kernels::max_forward(features, labels, bank, counts, rows, tiles, precision_of(fp32_precision), EmulatedLaunch{});
+  });
+  m.def("cuda_all_forward", [](const at::Tensor& features, const at::Tensor& labels, const at::Tensor& bank,
+                          const at::Tensor& counts, const at::Tensor& rows, const at::Tensor& tiles, double threshold,
+                          const std::string& fp32_precision) {
+    check_cpu(features);
+    return kernels::all_forward(
+        features, labels, bank, counts, rows, tiles, threshold, precision_of(fp32_precision), EmulatedLaunch{});
+  });
+  m.def("cuda_max_backward", [](const at::Tensor& grad_values, const at::Tensor& features, const at::Tensor& labels,
+                           const at::Tensor& bank, const at::Tensor& values, const at::Tensor& indices) {
+    check_cpu(features);
+    return kernels::max_backward(grad_values, features, labels, bank, values, indices, EmulatedLaunch{});
+  });
+  m.def("cuda_all_backward", [](const at::Tensor& grad_ssum, const at::Tensor& features, const at::Tensor& ssum,
+                           const at::Tensor& dsum) {
+    check_cpu(features);
+    return kernels::all_backward(grad_ssum, features, ssum, dsum, EmulatedLaunch{});
+  });
+  m.def("warp_sum", &self_checks::warp_sum);
+  m.def("sync_or", &self_checks::sync_or);
+  m.def("wmma_matmul", &self_checks::wmma_matmul);
+  m.def("misuse", &self_checks::misuse);
+}

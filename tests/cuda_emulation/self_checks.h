@@ -1,0 +1,100 @@
+// Small kernels that exercise the emulation itself (tests/test_cuda_emulation.py): what it
+// computes for shuffles, __syncthreads_or and WMMA, and that each kind of misuse is reported.
+// Written as CUDA device code, like the kernels under test.
+#pragma once
+
+#include <cstdint>
+#include <string>
+
+#include <ATen/ATen.h>
+
+#include "cuda_emulation.h"
+
+namespace self_checks {
+
+// out[t] = the sum of values over t's warp, by a butterfly of __shfl_xor_sync.
+__global__ void warp_sum_kernel(const float* values, float* out) {
+  float v = values[threadIdx.x];
+  for (int offset = 16; offset > 0; offset >>= 1) v += __shfl_xor_sync(0xffffffffu, v, offset);
+  out[threadIdx.x] = v;
+}
+
+// out[t] = __syncthreads_or(flags[t]), twice in a row (the second with the flags negated).
+__global__ void sync_or_kernel(const int64_t* flags, int64_t* out) {
+  out[2 * threadIdx.x] = __syncthreads_or(static_cast<int>(flags[threadIdx.x]));
+  out[2 * threadIdx.x + 1] = __syncthreads_or(!flags[threadIdx.x]);
+}
+
+// c (16 x 16, fp32) = a (16 x 16 fp16, row-major) @ b, b read as a col-major operand from bt = b^T.
+__global__ void wmma_kernel(const __half* a, const __half* bt, float* c) {
+  using namespace nvcuda;
+  wmma::fragment<wmma::matrix_a, 16, 16, 16, __half, wmma::row_major> fa;
+  wmma::fragment<wmma::matrix_b, 16, 16, 16, __half, wmma::col_major> fb;
+  wmma::fragment<wmma::accumulator, 16, 16, 16, float> acc;
+  wmma::fill_fragment(acc, 0.0f);
+  wmma::load_matrix_sync(fa, a, 16);
+  wmma::load_matrix_sync(fb, bt, 16);
+  wmma::mma_sync(acc, fa, fb, acc);
+  wmma::store_matrix_sync(c, acc, 16, wmma::mem_row_major);
+}
+
+// Misuse, one kind per `which`.
+__global__ void misuse_kernel(int which, const __half* data) {
+  const int t = threadIdx.x;
+  if (which == 0) {  // __syncthreads in divergent code
+    if (t < 32) {
+      __syncthreads();
+    } else {
+      __syncthreads();
+    }
+  } else if (which == 1) {  // a shuffle that half the warp reaches
+    if (t >= 16) return;
+    __shfl_xor_sync(0xffffffffu, t, 1);
+  } else if (which == 2) {  // a barrier after a thread exited
+    if (t == 0) return;
+    __syncthreads();
+  } else if (which == 3) {  // a misaligned WMMA pointer
+    nvcuda::wmma::fragment<nvcuda::wmma::matrix_a, 16, 16, 16, __half, nvcuda::wmma::row_major> fa;
+    nvcuda::wmma::load_matrix_sync(fa, data + 1, 16);
+  } else if (which == 4) {  // lanes passing different pointers
+    nvcuda::wmma::fragment<nvcuda::wmma::matrix_a, 16, 16, 16, __half, nvcuda::wmma::row_major> fa;
+    nvcuda::wmma::load_matrix_sync(fa, data + 16 * (t % 2), 16);
+  } else if (which == 5) {
+    __trap();
+  } else if (which == 6) {  // half a warp waits at a shuffle, everyone else at a barrier
+    if (t < 16) __shfl_xor_sync(0xffffffffu, t, 1);
+    __syncthreads();
+  }
+}
+
+inline at::Tensor warp_sum(const at::Tensor& values) {
+  at::Tensor out = at::empty_like(values);
+  const float* in = values.const_data_ptr<float>();
+  float* o = out.data_ptr<float>();
+  cuda_emulation::launch(1, static_cast<int>(values.numel()), [&] { warp_sum_kernel(in, o); });
+  return out;
+}
+
+inline at::Tensor sync_or(const at::Tensor& flags) {
+  at::Tensor out = at::empty({2 * flags.numel()}, flags.options());
+  const int64_t* in = flags.const_data_ptr<int64_t>();
+  int64_t* o = out.data_ptr<int64_t>();
+  cuda_emulation::launch(1, static_cast<int>(flags.numel()), [&] { sync_or_kernel(in, o); });
+  return out;
+}
+
+inline at::Tensor wmma_matmul(const at::Tensor& a, const at::Tensor& bt) {
+  at::Tensor c = at::empty({16, 16}, a.options().dtype(at::kFloat));
+  const auto* pa = reinterpret_cast<const __half*>(a.const_data_ptr<at::Half>());
+  const auto* pb = reinterpret_cast<const __half*>(bt.const_data_ptr<at::Half>());
+  float* pc = c.data_ptr<float>();
+  cuda_emulation::launch(1, 32, [&] { wmma_kernel(pa, pb, pc); });
+  return c;
+}
+
+inline void misuse(int which) {
+  alignas(32) static __half data[16 * 17];
+  cuda_emulation::launch(1, 64, [&] { misuse_kernel(which, data); });
+}
+
+}  // namespace self_checks
