@@ -546,6 +546,22 @@ def test_empty_inputs(target):
     assert torch.isneginf(values).all() and (indices == -1).all()
 
 
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=["fp32", "bf16", "fp16"])
+def test_counts_outside_the_bucket_are_clamped(dtype, target):
+    """counts above M read no slot past the bucket (the last class's is the end of the bank),
+    negative counts none: as counts clamped to [0, M] (the value checks are the caller's)."""
+    slots = 70
+    features, labels, bank, _ = make_case(target.device, 3, slots, 40, [0, 0, 0], 150, dtype=dtype, images=2)
+    counts = torch.tensor([slots + 5, -3, slots + 64], device=target.device)
+    clamped = counts.clamp(0, slots)
+    got = target.backend.max_forward(features, labels, bank, counts, IGNORE)
+    want = REFERENCE.max_forward(features, labels, bank, clamped, IGNORE)
+    assert_same_max(features, labels, bank, clamped, got, want, TOLERANCES[(dtype, "ieee")]["sim"])
+    got = target.backend.all_forward(features, labels, bank, counts, -0.2, IGNORE)
+    want = REFERENCE.all_forward(features, labels, bank, clamped, -0.2, IGNORE)
+    assert_same_all(features, labels, bank, clamped, -0.2, got, want, TOLERANCES[(dtype, "ieee")], min_sure=0.9)
+
 def _tie_case(device, dtype, bank_dtype=None):
     """Bank entries in {0, +-0.5} and small-integer features: every raw dot is exact in every dtype
     (tf32 included) and any summation order, so duplicated slots tie exactly, within a slot tile

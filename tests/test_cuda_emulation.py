@@ -1,13 +1,20 @@
 """The CPU emulation of the CUDA execution model (tests/cuda_emulation) that runs the CUDA
 backend's kernels in tests/test_cuda_backend.py without a GPU: what it computes for the
-primitives the kernels use, and that it reports each kind of misuse instead of running it."""
+primitives the kernels use, that it reports each kind of misuse instead of running it, and the
+kernels' tests once more under AddressSanitizer (out-of-bounds global and shared memory)."""
 
 from __future__ import annotations
+
+import os
+import subprocess
+import sys
 
 import pytest
 import torch
 
-from cuda_emulation import module
+from cuda_emulation import ASAN_ENV, module
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def test_warp_shuffle_butterfly_sums_each_warp():
@@ -51,3 +58,42 @@ def test_misuse_is_reported(which, message):
     with pytest.raises(RuntimeError, match="CUDA emulation: " + message):
         module().misuse(which)
     module().warp_sum(torch.ones(32))  # the emulation is usable after a failed launch
+
+
+def _asan_runtime() -> str | None:
+    """The AddressSanitizer runtime of the C++ compiler that builds the emulation, if it has one."""
+    try:
+        found = subprocess.run(
+            [os.environ.get("CXX", "c++"), "-print-file-name=libasan.so"], capture_output=True, text=True, check=True
+        ).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        return None
+    return found if os.path.isabs(found) and os.path.exists(found) else None
+
+
+def _run_under_asan(runtime: str, *args: str) -> subprocess.CompletedProcess:
+    env = {**os.environ, "LD_PRELOAD": runtime, "ASAN_OPTIONS": "detect_leaks=0", ASAN_ENV: "1"}
+    return subprocess.run([sys.executable, *args], cwd=ROOT, env=env, capture_output=True, text=True, timeout=1800)
+
+
+def _probe(call: str) -> str:
+    return f"import sys, torch; sys.path.insert(0, 'tests'); from cuda_emulation import module; module().{call}"
+
+
+@pytest.mark.slow
+def test_kernels_under_address_sanitizer():
+    runtime = _asan_runtime()
+    if runtime is None:
+        pytest.skip("the C++ compiler has no AddressSanitizer runtime (libasan.so)")
+    # It sees an out-of-bounds read of a tensor, and of a kernel's __shared__ array...
+    for call, report in [("read_past_end(torch.zeros(10))", "heap-buffer-overflow"),
+                         ("read_shared_past_end(48)", "global-buffer-overflow")]:
+        probe = _run_under_asan(runtime, "-c", _probe(call))
+        assert probe.returncode != 0 and f"AddressSanitizer: {report}" in probe.stderr, probe.stderr[-3000:]
+    # ... and none in the kernels' tests (-s: its report goes to stderr before it aborts). Triton's
+    # interpreter does not run with the ASan runtime preloaded: the comparison with it is left out.
+    run = _run_under_asan(runtime, "-m", "pytest", "-q", "-s", "-p", "no:cacheprovider", "tests/test_cuda_backend.py",
+                          "-k", "emulated and not triton")
+    tail = run.stdout[-3000:] + run.stderr[-5000:]
+    assert run.returncode == 0 and "AddressSanitizer" not in run.stderr, tail
+    assert " passed" in run.stdout and " failed" not in run.stdout, tail

@@ -64,6 +64,10 @@
 #include "../cosine_similarity.h"
 
 namespace cossim_fast::kernels {
+// Internal linkage, as the kernels of a .cu file of their own (one translation unit includes
+// this header). It also lets AddressSanitizer instrument their __shared__ arrays in the
+// emulation's test build (GCC leaves function-local statics of shared templates alone).
+namespace {
 
 constexpr int kThreads = 256;
 constexpr int kWarps = kThreads / 32;
@@ -845,4 +849,5 @@ at::Tensor all_backward(
   return out;
 }
 
+}  // namespace
 }  // namespace cossim_fast::kernels

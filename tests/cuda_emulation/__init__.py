@@ -25,6 +25,11 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 CSRC = os.path.join(os.path.dirname(os.path.dirname(HERE)), "csrc")
 NAME = "cossim_fast_cuda_emulation"
 FLAGS = ["-O2", "-ffp-contract=off", "-DCOSSIM_FAST_CUDA_EMULATION"]
+#: Set to 1 to build with AddressSanitizer, which reports the kernels' out-of-bounds reads and
+#: writes of global and shared memory. The process must preload the ASan runtime (LD_PRELOAD);
+#: test_cuda_emulation.py runs the kernel tests that way in a subprocess.
+ASAN_ENV = "COSSIM_FAST_EMULATION_ASAN"
+ASAN_FLAGS = ["-fsanitize=address", "-fno-omit-frame-pointer"]
 
 _built: ModuleType | None = None
 
@@ -37,14 +42,17 @@ def module() -> ModuleType:
         for tool in (os.environ.get("CXX", "c++"), "ninja"):
             if shutil.which(tool) is None:
                 pytest.skip(f"the CUDA emulation is built with {tool}, which is not on PATH")
+        asan = os.environ.get(ASAN_ENV) == "1"
+        name = NAME + ("_asan" if asan else "")
         version = re.sub(r"[^0-9A-Za-z.]", "_", torch.__version__)
-        build = os.path.join(cpp_extension.get_default_build_root(), f"{NAME}-torch{version}")
+        build = os.path.join(cpp_extension.get_default_build_root(), f"{name}-torch{version}")
         os.makedirs(build, exist_ok=True)
         _built = cpp_extension.load(
-            name=NAME,
+            name=name,
             sources=[os.path.join(HERE, "emulated_kernels.cpp")],
             extra_include_paths=[CSRC, HERE],
-            extra_cflags=FLAGS,
+            extra_cflags=FLAGS + (ASAN_FLAGS if asan else []),
+            extra_ldflags=ASAN_FLAGS if asan else [],
             build_directory=build,
         )
     return _built

@@ -37,6 +37,10 @@
 #include <c10/util/BFloat16.h>
 #include <c10/util/Half.h>
 
+#if defined(__SANITIZE_ADDRESS__)
+#include <sanitizer/common_interface_defs.h>
+#endif
+
 #define __global__
 #define __device__
 #define __host__
@@ -89,6 +93,7 @@ struct Fiber {
   std::unique_ptr<char[]> stack;
   Wait wait = Wait::kRunnable;
   int site = 0;  // source line of the synchronization point it waits at
+  void* fake_stack = nullptr;  // AddressSanitizer's state of this stack while switched away
 };
 
 // Per warp: what each lane handed to the current warp-wide operation, double-buffered by
@@ -109,9 +114,42 @@ struct Block {
   int predicate_or[2] = {0, 0};
   std::function<void()> body;
   std::string error;
+  void* scheduler_fake_stack = nullptr;
+  const void* scheduler_stack = nullptr;  // the scheduler's stack, for AddressSanitizer
+  size_t scheduler_stack_size = 0;
 };
 
 inline Block* running = nullptr;
+
+// Stack switches, announced to AddressSanitizer when it is compiled in (the tests build a
+// variant with -fsanitize=address, so that the kernels' out-of-bounds accesses of global and
+// shared memory are reported): without the announcements it would misread the fiber stacks.
+// `save` is where the stack being left keeps its state, nullptr when it is left for good.
+inline void start_switch(void** save, const void* bottom, size_t size) {
+#if defined(__SANITIZE_ADDRESS__)
+  __sanitizer_start_switch_fiber(save, bottom, size);
+#else
+  (void)save, (void)bottom, (void)size;
+#endif
+}
+
+// On arrival: `save` is what this stack kept when it was left; records the stack just left.
+inline void finish_switch(void* save, const void** left_bottom, size_t* left_size) {
+#if defined(__SANITIZE_ADDRESS__)
+  __sanitizer_finish_switch_fiber(save, left_bottom, left_size);
+#else
+  (void)save, (void)left_bottom, (void)left_size;
+#endif
+}
+
+// From the running fiber to the scheduler; `for_good` when the fiber will not be resumed.
+inline void switch_to_scheduler(bool for_good) {
+  Block& block = *running;
+  Fiber& fiber = block.fibers[block.current];
+  start_switch(for_good ? nullptr : &fiber.fake_stack, block.scheduler_stack, block.scheduler_stack_size);
+  swapcontext(&fiber.context, &block.scheduler);
+  finish_switch(fiber.fake_stack, &block.scheduler_stack, &block.scheduler_stack_size);
+}
 
 inline Fiber& self() {
   return running->fibers[running->current];
@@ -132,9 +170,8 @@ inline Warp& my_warp() {
     message << what << " (block " << blockIdx.x << ", thread " << threadIdx.x << ")";
     running->error = message.str();
   }
-  Fiber& fiber = self();
-  fiber.wait = Wait::kDone;
-  swapcontext(&fiber.context, &running->scheduler);
+  self().wait = Wait::kDone;
+  switch_to_scheduler(true);
   std::abort();  // never resumed
 }
 
@@ -142,7 +179,7 @@ inline void wait_at(Wait what, int site) {
   Fiber& fiber = self();
   fiber.wait = what;
   fiber.site = site;
-  swapcontext(&fiber.context, &running->scheduler);
+  switch_to_scheduler(false);
 }
 
 inline void sync_block(int site) {
@@ -187,12 +224,14 @@ T shfl_xor(int site, unsigned mask, T value, int lane_mask) {
 }
 
 inline void fiber_main() {
+  finish_switch(nullptr, &running->scheduler_stack, &running->scheduler_stack_size);
   try {
     running->body();
   } catch (const std::exception& e) {
     fail(std::string("exception in a kernel thread: ") + e.what());
   }
-  self().wait = Wait::kDone;  // uc_link returns to the scheduler
+  self().wait = Wait::kDone;
+  switch_to_scheduler(true);
 }
 
 // Releases whatever can go on: a warp whose live lanes all wait at one warp operation, else the
@@ -271,7 +310,6 @@ inline void run_block(unsigned int index, int threads, const std::function<void(
     getcontext(&fiber.context);
     fiber.context.uc_stack.ss_sp = fiber.stack.get();
     fiber.context.uc_stack.ss_size = kStackBytes;
-    fiber.context.uc_link = &block.scheduler;
     makecontext(&fiber.context, fiber_main, 0);
   }
   while (block.error.empty()) {
@@ -280,7 +318,9 @@ inline void run_block(unsigned int index, int threads, const std::function<void(
       if (block.fibers[t].wait != Wait::kRunnable) continue;
       block.current = t;
       threadIdx.x = static_cast<unsigned int>(t);
+      start_switch(&block.scheduler_fake_stack, block.fibers[t].stack.get(), kStackBytes);
       swapcontext(&block.scheduler, &block.fibers[t].context);
+      finish_switch(block.scheduler_fake_stack, nullptr, nullptr);
     }
     for (const Fiber& fiber : block.fibers) all_done = all_done && fiber.wait == Wait::kDone;
     if (all_done || !block.error.empty() || !release(block)) break;

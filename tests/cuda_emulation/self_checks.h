@@ -11,6 +11,7 @@
 #include "cuda_emulation.h"
 
 namespace self_checks {
+namespace {  // internal linkage: AddressSanitizer instruments the __shared__ arrays (see the kernels)
 
 // out[t] = the sum of values over t's warp, by a butterfly of __shfl_xor_sync.
 __global__ void warp_sum_kernel(const float* values, float* out) {
@@ -67,6 +68,21 @@ __global__ void misuse_kernel(int which, const __half* data) {
   }
 }
 
+// Reads values[n], one past the end: only AddressSanitizer sees it (the tests' ASan build).
+__global__ void read_past_end_kernel(const float* values, int64_t n, float* out) {
+  if (threadIdx.x == 0) *out = values[n];
+}
+
+// Reads shared memory one past the end of a __shared__ array of a kernel template (as the
+// kernels under test are): again only AddressSanitizer sees it.
+template <int N>
+__global__ void shared_past_end_kernel(int64_t index, float* out) {
+  __shared__ float tile[N];
+  tile[threadIdx.x % N] = 1.0f;
+  __syncthreads();
+  if (threadIdx.x == 0) *out = tile[index];
+}
+
 inline at::Tensor warp_sum(const at::Tensor& values) {
   at::Tensor out = at::empty_like(values);
   const float* in = values.const_data_ptr<float>();
@@ -92,9 +108,23 @@ inline at::Tensor wmma_matmul(const at::Tensor& a, const at::Tensor& bt) {
   return c;
 }
 
+inline float read_past_end(const at::Tensor& values) {
+  float out = 0.0f;
+  const float* in = values.const_data_ptr<float>();
+  cuda_emulation::launch(1, 32, [&] { read_past_end_kernel(in, values.numel(), &out); });
+  return out;
+}
+
+inline float read_shared_past_end(int64_t index) {
+  float out = 0.0f;
+  cuda_emulation::launch(1, 32, [&] { shared_past_end_kernel<48>(index, &out); });
+  return out;
+}
+
 inline void misuse(int which) {
   alignas(32) static __half data[16 * 17];
   cuda_emulation::launch(1, 64, [&] { misuse_kernel(which, data); });
 }
 
+}  // namespace
 }  // namespace self_checks
