@@ -654,6 +654,31 @@ def test_two_runs_are_bitwise_identical(dtype, fp32, precision, target):
     assert torch.equal(first.view(torch.uint8), target.backend.max_backward(grad, features, labels, bank, values, indices).view(torch.uint8))
 
 
+
+@pytest.mark.parametrize("dtype, fp32", CONFIGS, ids=CONFIG_IDS)
+@pytest.mark.parametrize("shape", ["small", "c_chunk_plus_one"])
+def test_same_bits_in_any_thread_order(shape, dtype, fp32, precision):
+    """Emulation only (a GPU picks its own order): the threads of a block between barriers, and
+    the blocks of a launch, in index order, reversed and shuffled give the same bits; a race
+    would make them depend on the order."""
+    precision(fp32)
+    emulated = EmulatedCudaBackend()
+    num_classes, slots, dim, counts, num_rows, images = SHAPES[shape]
+    features, labels, bank, counts = make_case("cpu", num_classes, slots, dim, counts, num_rows, dtype=dtype, images=images)
+    grad = torch.randn(labels.shape)
+    runs = []
+    try:
+        for seed in (0, 1, 2, 3):
+            emulated.ops.set_schedule(seed)
+            values, indices = emulated.max_forward(features, labels, bank, counts, IGNORE)
+            count, ssum, dsum = emulated.all_forward(features, labels, bank, counts, -0.1, IGNORE)
+            runs.append((values, indices, count, ssum, dsum, emulated.max_backward(grad, features, labels, bank, values, indices),
+                         emulated.all_backward(grad, features, ssum, dsum)))
+    finally:
+        emulated.ops.set_schedule(0)
+    for run in runs[1:]:
+        assert all(torch.equal(a.view(torch.uint8), b.view(torch.uint8)) for a, b in zip(runs[0], run))
+
 @gpu
 def test_no_host_sync():
     features, labels, bank, counts = make_case("cuda", 3, 70, 300, [70, 5, 0], 100, dtype=torch.bfloat16, images=2)

@@ -40,6 +40,20 @@ def test_wmma_row_and_col_major_operands():
     torch.testing.assert_close(got, a.float() @ b.float(), rtol=1e-5, atol=1e-5)
 
 
+def test_thread_order_exposes_a_race():
+    """A read of a neighbour's shared slot without the barrier after its write: in index order
+    each thread reads the slot before the neighbour writes it, reversed after."""
+    try:
+        module().set_schedule(0)
+        in_order = module().racy().tolist()
+        module().set_schedule(1)
+        reversed_order = module().racy().tolist()
+    finally:
+        module().set_schedule(0)
+    assert in_order == [-1] * 63 + [0]
+    assert reversed_order == list(range(1, 64)) + [-1]
+
+
 @pytest.mark.parametrize(
     "which, message",
     [

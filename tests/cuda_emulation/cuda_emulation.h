@@ -16,9 +16,11 @@
 // opaque to kernels that use only the WMMA API, as ours do); mma_sync accumulates in fp32 in
 // a fixed order, so results differ from tensor cores only by summation order.
 //
-// Not emulated: timing and concurrency between blocks, shared-memory races (threads run one at
-// a time between barriers), memory errors (no bounds checks: compute-sanitizer on a GPU), and
-// instructions this project's kernels do not use. Shared memory persists between blocks.
+// Races show only as results that change with the order in which threads run between barriers
+// and blocks run (set_schedule: in order, reversed, random); threads never interleave between
+// two synchronization points. Not emulated: timing, memory errors (the tests' AddressSanitizer
+// build sees out-of-bounds accesses; compute-sanitizer on a GPU), and instructions this
+// project's kernels do not use. Shared memory persists between blocks.
 #pragma once
 
 #include <ucontext.h>
@@ -26,7 +28,10 @@
 #include <cmath>
 #include <cstdint>
 #include <cstring>
+#include <algorithm>
 #include <functional>
+#include <numeric>
+#include <random>
 #include <memory>
 #include <sstream>
 #include <stdexcept>
@@ -297,8 +302,25 @@ inline bool release(Block& block) {
   return false;
 }
 
+// The order of the blocks of a launch, and of the runnable threads of a block between two
+// synchronization points: 0 in index order, 1 reversed, any other value a fresh random order
+// each time, drawn from that seed. Kernels without races give the same bits in every order.
+inline uint64_t schedule_seed = 0;
+
+inline void set_schedule(uint64_t seed) {
+  schedule_seed = seed;
+}
+
+// Fills `order` with 0..n-1 in the schedule's order.
+inline void schedule(std::vector<int>& order, int n, std::mt19937_64& random) {
+  order.resize(n);
+  std::iota(order.begin(), order.end(), 0);
+  if (schedule_seed == 1) std::reverse(order.begin(), order.end());
+  if (schedule_seed > 1) std::shuffle(order.begin(), order.end(), random);
+}
+
 // Runs `body` as `threads` CUDA threads of block `index`; throws std::runtime_error on misuse.
-inline void run_block(unsigned int index, int threads, const std::function<void()>& body) {
+inline void run_block(unsigned int index, int threads, const std::function<void()>& body, std::mt19937_64& random) {
   Block block;
   block.fibers.resize(threads);
   block.warps.resize((threads + kWarpSize - 1) / kWarpSize);
@@ -312,9 +334,12 @@ inline void run_block(unsigned int index, int threads, const std::function<void(
     fiber.context.uc_stack.ss_size = kStackBytes;
     makecontext(&fiber.context, fiber_main, 0);
   }
+  std::vector<int> order;
   while (block.error.empty()) {
     bool all_done = true;
-    for (int t = 0; t < threads && block.error.empty(); ++t) {
+    schedule(order, threads, random);
+    for (const int t : order) {
+      if (!block.error.empty()) break;
       if (block.fibers[t].wait != Wait::kRunnable) continue;
       block.current = t;
       threadIdx.x = static_cast<unsigned int>(t);
@@ -329,9 +354,13 @@ inline void run_block(unsigned int index, int threads, const std::function<void(
   if (!block.error.empty()) throw std::runtime_error("CUDA emulation: " + block.error);
 }
 
-// kernel<<<blocks, threads>>>(...): the blocks in order, each to completion.
+// kernel<<<blocks, threads>>>(...): the blocks one at a time, each to completion, in the
+// schedule's order.
 inline void launch(int64_t blocks, int threads, const std::function<void()>& body) {
-  for (int64_t b = 0; b < blocks; ++b) run_block(static_cast<unsigned int>(b), threads, body);
+  std::mt19937_64 random(schedule_seed);
+  std::vector<int> order;
+  schedule(order, static_cast<int>(blocks), random);
+  for (const int b : order) run_block(static_cast<unsigned int>(b), threads, body, random);
 }
 
 }  // namespace cuda_emulation

@@ -57,7 +57,9 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
     check_cpu(features);
     return kernels::all_backward(grad_ssum, features, ssum, dsum, EmulatedLaunch{});
   });
+  m.def("set_schedule", &cuda_emulation::set_schedule, "0: threads and blocks in index order, 1: reversed, else random from this seed");
   m.def("warp_sum", &self_checks::warp_sum);
+  m.def("racy", &self_checks::racy);
   m.def("sync_or", &self_checks::sync_or);
   m.def("wmma_matmul", &self_checks::wmma_matmul);
   m.def("misuse", &self_checks::misuse);

@@ -83,6 +83,19 @@ __global__ void shared_past_end_kernel(int64_t index, float* out) {
   if (threadIdx.x == 0) *out = tile[index];
 }
 
+// out[t] = what thread t reads of its neighbour's slot, with the barrier between the write and
+// the read missing: the result depends on the order in which the threads run.
+__global__ void racy_kernel(int64_t* out) {
+  __shared__ int64_t slot[64];
+  const int t = threadIdx.x;
+  slot[t] = -1;
+  __syncthreads();
+  slot[t] = t;
+  const int64_t neighbour = slot[(t + 1) % 64];
+  __syncthreads();
+  out[t] = neighbour;
+}
+
 inline at::Tensor warp_sum(const at::Tensor& values) {
   at::Tensor out = at::empty_like(values);
   const float* in = values.const_data_ptr<float>();
@@ -118,6 +131,13 @@ inline float read_past_end(const at::Tensor& values) {
 inline float read_shared_past_end(int64_t index) {
   float out = 0.0f;
   cuda_emulation::launch(1, 32, [&] { shared_past_end_kernel<48>(index, &out); });
+  return out;
+}
+
+inline at::Tensor racy() {
+  at::Tensor out = at::empty({64}, at::kLong);
+  int64_t* o = out.data_ptr<int64_t>();
+  cuda_emulation::launch(1, 64, [&] { racy_kernel(o); });
   return out;
 }
 
