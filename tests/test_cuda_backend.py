@@ -7,8 +7,8 @@ schedule ``class_tiles``, ``CudaBackend.unsupported_reasons`` and the precision 
 The kernels against the "reference" backend on odd shapes, every dtype and fp32 precision, exact
 ties, bitwise determinism, gradients, and agreement with the Triton backend: on a GPU (marked
 ``gpu``, skipped without CUDA by tests/conftest.py) and, everywhere, on the CPU through the
-emulation of tests/cuda_emulation, which runs the same kernel source. GPU only: no host
-synchronization, the public API through dispatch, opcheck, devices.
+emulation of tests/cuda_emulation, which runs the same kernel source; the public API with
+backend="cuda" on both too. GPU only: no host synchronization, opcheck, devices.
 """
 
 from __future__ import annotations
@@ -22,6 +22,7 @@ import torch
 import cossim_fast
 from cossim_fast import _extension
 from cossim_fast.backends import cuda as cuda_backend
+from cossim_fast.backends import dispatch
 from cossim_fast.backends.cuda import CudaBackend
 from cossim_fast.backends.schedule import class_tiles
 from cossim_fast.backends.reference import ReferenceBackend, dense_similarity
@@ -695,10 +696,14 @@ def test_no_host_sync():
         torch.cuda.set_sync_debug_mode("default")
 
 
-@gpu
-def test_public_api_and_gradients_match_reference():
+def test_public_api_and_gradients_match_reference(target, monkeypatch):
+    """backend="cuda" through the public functions, the custom ops and the autograd.Functions
+    (the emulation stands in for the "cuda" backend on the CPU)."""
     cossim_fast.set_strict(True)  # no silent fallback to another backend
-    features, labels, bank, counts = make_case("cuda", 3, 40, 24, [40, 13, 0], 2 * 6 * 7, dtype=torch.float32, images=2)
+    if target.device == "cpu":
+        load = dispatch.load_backend
+        monkeypatch.setattr(dispatch, "load_backend", lambda name: target.backend if name == "cuda" else load(name))
+    features, labels, bank, counts = make_case(target.device, 3, 40, 24, [40, 13, 0], 2 * 6 * 7, dtype=torch.float32, images=2)
     maps = features.transpose(1, 2).reshape(2, 24, 6, 7)  # B x C x H x W, labels B x H x W
     maps_labels = labels.reshape(2, 6, 7)
     values, indices = cossim_fast.max_cosine_similarity(maps, maps_labels, bank, counts, backend="cuda")
