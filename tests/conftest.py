@@ -5,6 +5,7 @@ switched on before triton is first imported: hence here, at the top of the first
 """
 
 import os
+from dataclasses import dataclass
 
 import torch
 
@@ -14,8 +15,27 @@ if not torch.cuda.is_available():
 import pytest  # noqa: E402
 
 from cossim_fast.backends import dispatch  # noqa: E402
+from cossim_fast.backends.cuda import CudaBackend  # noqa: E402
 
 DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
+
+
+@dataclass(frozen=True)
+class CudaTarget:
+    """Where the CUDA backend's kernels run in a test: the compiled ops on a GPU, or the same
+    kernel source compiled for the CPU emulation of tests/cuda_emulation (their logic only)."""
+
+    backend: CudaBackend
+    device: str
+
+
+@pytest.fixture(params=[pytest.param("cuda", marks=pytest.mark.gpu), "emulated"])
+def cuda_target(request) -> CudaTarget:
+    if request.param == "cuda":
+        return CudaTarget(CudaBackend(), "cuda")
+    from cuda_emulation import EmulatedCudaBackend
+
+    return CudaTarget(EmulatedCudaBackend(), "cpu")
 
 
 @pytest.fixture(autouse=True)

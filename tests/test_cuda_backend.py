@@ -14,7 +14,6 @@ backend="cuda" on both too. GPU only: no host synchronization, opcheck, devices.
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass
 
 import pytest
 import torch
@@ -361,21 +360,6 @@ def test_fp32_precision_setting(monkeypatch):
 gpu = pytest.mark.gpu
 
 
-@dataclass(frozen=True)
-class Target:
-    """Where the kernels run: the compiled ops on a GPU, or the same kernel source compiled
-    for the CPU emulation of tests/cuda_emulation (logic only, no GPU verification)."""
-
-    backend: CudaBackend
-    device: str
-
-
-@pytest.fixture(params=[pytest.param("cuda", marks=gpu), "emulated"])
-def target(request):
-    if request.param == "cuda":
-        return Target(CUDA, "cuda")
-    return Target(EmulatedCudaBackend(), "cpu")
-
 DTYPES = [torch.float32, torch.bfloat16, torch.float16]
 
 #: Tolerances in one table, by (feature dtype, fp32 precision). "sim": values, ssum per term and
@@ -469,15 +453,15 @@ CONFIG_IDS = ["fp32", "tf32", "bf16", "fp16"]
 
 @pytest.mark.parametrize("dtype, fp32", CONFIGS, ids=CONFIG_IDS)
 @pytest.mark.parametrize("shape", list(SHAPES))
-def test_max_forward_matches_reference(shape, dtype, fp32, precision, target):
+def test_max_forward_matches_reference(shape, dtype, fp32, precision, cuda_target):
     precision(fp32)
     num_classes, slots, dim, counts, num_rows, images = SHAPES[shape]
-    features, labels, bank, counts = make_case(target.device, num_classes, slots, dim, counts, num_rows, dtype=dtype, images=images)
+    features, labels, bank, counts = make_case(cuda_target.device, num_classes, slots, dim, counts, num_rows, dtype=dtype, images=images)
     if shape == "small":  # class 0 gets a single row; class 1 rows meet an empty bucket
         labels[labels == 0] = 2
         labels[7] = 0
     tol = TOLERANCES[(dtype, fp32)]["sim"]
-    got = target.backend.max_forward(features, labels, bank, counts, IGNORE)
+    got = cuda_target.backend.max_forward(features, labels, bank, counts, IGNORE)
     want = REFERENCE.max_forward(features, labels, bank, counts, IGNORE)
     assert_same_max(features, labels, bank, counts, got, want, tol)
     empty = (labels == IGNORE) | (counts[labels.clamp(max=num_classes - 1)] == 0)
@@ -488,11 +472,11 @@ def test_max_forward_matches_reference(shape, dtype, fp32, precision, target):
 @pytest.mark.parametrize("dtype, fp32", CONFIGS, ids=CONFIG_IDS)
 @pytest.mark.parametrize("shape", ["small", "m_below_tile", "large_c", "vector_loads"])
 @pytest.mark.parametrize("threshold", [0.05, -0.3])  # below 0: the zero padding past counts[k] would pass
-def test_all_forward_matches_reference(shape, threshold, dtype, fp32, precision, target):
+def test_all_forward_matches_reference(shape, threshold, dtype, fp32, precision, cuda_target):
     precision(fp32)
     num_classes, slots, dim, counts, num_rows, images = SHAPES[shape]
-    features, labels, bank, counts = make_case(target.device, num_classes, slots, dim, counts, num_rows, dtype=dtype, images=images)
-    count, ssum, dsum = target.backend.all_forward(features, labels, bank, counts, threshold, IGNORE)
+    features, labels, bank, counts = make_case(cuda_target.device, num_classes, slots, dim, counts, num_rows, dtype=dtype, images=images)
+    count, ssum, dsum = cuda_target.backend.all_forward(features, labels, bank, counts, threshold, IGNORE)
     ref_count, ref_ssum, ref_dsum = REFERENCE.all_forward(features, labels, bank, counts, threshold, IGNORE)
     assert count.dtype == torch.int64 and ssum.dtype == dsum.dtype == torch.float32 and dsum.is_contiguous()
     assert_same_all(features, labels, bank, counts, threshold, (count, ssum, dsum), (ref_count, ref_ssum, ref_dsum),
@@ -504,62 +488,62 @@ def test_all_forward_matches_reference(shape, threshold, dtype, fp32, precision,
 @pytest.mark.parametrize("feature_dtype, bank_dtype", [
     (torch.bfloat16, torch.float32), (torch.float32, torch.float16), (torch.float16, torch.bfloat16), (torch.bfloat16, torch.float16),
 ], ids=["bf16-fp32", "fp32-fp16", "fp16-bf16", "bf16-fp16"])
-def test_mixed_dtypes_use_exact_fp32(feature_dtype, bank_dtype, precision, target):
+def test_mixed_dtypes_use_exact_fp32(feature_dtype, bank_dtype, precision, cuda_target):
     precision("tf32")  # ignored for mixed pairs: they are dotted in exact fp32
-    features, labels, bank, counts = make_case(target.device, 3, 70, 40, [10, 70, 0], 150, dtype=feature_dtype, bank_dtype=bank_dtype, images=2)
-    got = target.backend.max_forward(features, labels, bank, counts, IGNORE)
+    features, labels, bank, counts = make_case(cuda_target.device, 3, 70, 40, [10, 70, 0], 150, dtype=feature_dtype, bank_dtype=bank_dtype, images=2)
+    got = cuda_target.backend.max_forward(features, labels, bank, counts, IGNORE)
     want = REFERENCE.max_forward(features, labels, bank, counts, IGNORE)
     assert_same_max(features, labels, bank, counts, got, want, 1e-5)
-    got = target.backend.all_forward(features, labels, bank, counts, 0.0, IGNORE)
+    got = cuda_target.backend.all_forward(features, labels, bank, counts, 0.0, IGNORE)
     want = REFERENCE.all_forward(features, labels, bank, counts, 0.0, IGNORE)
     assert_same_all(features, labels, bank, counts, 0.0, got, want, {"sim": 1e-5, "dsum": 1e-4}, min_sure=0.9)
 
 
 @pytest.mark.parametrize("dtype, fp32", CONFIGS, ids=CONFIG_IDS)
-def test_all_rows_one_class(dtype, fp32, precision, target):
+def test_all_rows_one_class(dtype, fp32, precision, cuda_target):
     precision(fp32)
-    features, labels, bank, counts = make_case(target.device, 3, 70, 40, [10, 70, 0], 150, dtype=dtype)
+    features, labels, bank, counts = make_case(cuda_target.device, 3, 70, 40, [10, 70, 0], 150, dtype=dtype)
     labels = torch.ones_like(labels)  # one class, 3 row tiles (64 + 64 + 22)
     tol = TOLERANCES[(dtype, fp32)]["sim"]
-    got = target.backend.max_forward(features, labels, bank, counts, IGNORE)
+    got = cuda_target.backend.max_forward(features, labels, bank, counts, IGNORE)
     assert_same_max(features, labels, bank, counts, got, REFERENCE.max_forward(features, labels, bank, counts, IGNORE), tol)
     assert (got[1] >= 0).all()
     # every row ignored, and a bank whose buckets are all empty
     nothing = torch.full_like(labels, IGNORE)
-    values, indices = target.backend.max_forward(features, nothing, bank, counts, IGNORE)
+    values, indices = cuda_target.backend.max_forward(features, nothing, bank, counts, IGNORE)
     assert torch.isneginf(values).all() and (indices == -1).all()
-    values, indices = target.backend.max_forward(features, labels, bank, torch.zeros_like(counts), IGNORE)
+    values, indices = cuda_target.backend.max_forward(features, labels, bank, torch.zeros_like(counts), IGNORE)
     assert torch.isneginf(values).all() and (indices == -1).all()
-    count, ssum, dsum = target.backend.all_forward(features, nothing, bank, counts, -2.0, IGNORE)
+    count, ssum, dsum = cuda_target.backend.all_forward(features, nothing, bank, counts, -2.0, IGNORE)
     assert (count == 0).all() and (ssum == 0).all() and (dsum == 0).all()
 
 
-def test_empty_inputs(target):
-    features, labels, bank, counts = make_case(target.device, 3, 8, 16, [8, 8, 8], 10, dtype=torch.float32)
-    values, indices = target.backend.max_forward(features[:, :0], labels[:0], bank, counts, IGNORE)
+def test_empty_inputs(cuda_target):
+    features, labels, bank, counts = make_case(cuda_target.device, 3, 8, 16, [8, 8, 8], 10, dtype=torch.float32)
+    values, indices = cuda_target.backend.max_forward(features[:, :0], labels[:0], bank, counts, IGNORE)
     assert values.shape == indices.shape == (0,)
-    count, ssum, dsum = target.backend.all_forward(features[:, :0], labels[:0], bank, counts, 0.0, IGNORE)
+    count, ssum, dsum = cuda_target.backend.all_forward(features[:, :0], labels[:0], bank, counts, 0.0, IGNORE)
     assert count.shape == ssum.shape == (0,) and dsum.shape == (0, 16)
-    grad = target.backend.max_backward(values, features[:, :0], labels[:0], bank, values, indices)
+    grad = cuda_target.backend.max_backward(values, features[:, :0], labels[:0], bank, values, indices)
     assert grad.shape == (0, 16)
     no_classes = bank[:0]
-    values, indices = target.backend.max_forward(features, torch.full_like(labels, IGNORE), no_classes, counts[:0], IGNORE)
+    values, indices = cuda_target.backend.max_forward(features, torch.full_like(labels, IGNORE), no_classes, counts[:0], IGNORE)
     assert torch.isneginf(values).all() and (indices == -1).all()
 
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=["fp32", "bf16", "fp16"])
-def test_counts_outside_the_bucket_are_clamped(dtype, target):
+def test_counts_outside_the_bucket_are_clamped(dtype, cuda_target):
     """counts above M read no slot past the bucket (the last class's is the end of the bank),
     negative counts none: as counts clamped to [0, M] (the value checks are the caller's)."""
     slots = 70
-    features, labels, bank, _ = make_case(target.device, 3, slots, 40, [0, 0, 0], 150, dtype=dtype, images=2)
-    counts = torch.tensor([slots + 5, -3, slots + 64], device=target.device)
+    features, labels, bank, _ = make_case(cuda_target.device, 3, slots, 40, [0, 0, 0], 150, dtype=dtype, images=2)
+    counts = torch.tensor([slots + 5, -3, slots + 64], device=cuda_target.device)
     clamped = counts.clamp(0, slots)
-    got = target.backend.max_forward(features, labels, bank, counts, IGNORE)
+    got = cuda_target.backend.max_forward(features, labels, bank, counts, IGNORE)
     want = REFERENCE.max_forward(features, labels, bank, clamped, IGNORE)
     assert_same_max(features, labels, bank, clamped, got, want, TOLERANCES[(dtype, "ieee")]["sim"])
-    got = target.backend.all_forward(features, labels, bank, counts, -0.2, IGNORE)
+    got = cuda_target.backend.all_forward(features, labels, bank, counts, -0.2, IGNORE)
     want = REFERENCE.all_forward(features, labels, bank, clamped, -0.2, IGNORE)
     assert_same_all(features, labels, bank, clamped, -0.2, got, want, TOLERANCES[(dtype, "ieee")], min_sure=0.9)
 
@@ -597,10 +581,10 @@ def _exact_argmax(features, labels, bank, counts):
 
 
 @pytest.mark.parametrize("dtype, fp32", CONFIGS + [(torch.bfloat16, "mixed")], ids=CONFIG_IDS + ["bf16-fp32bank"])
-def test_ties_pick_the_lowest_slot(dtype, fp32, precision, target):
+def test_ties_pick_the_lowest_slot(dtype, fp32, precision, cuda_target):
     precision("tf32" if fp32 == "tf32" else "ieee")
-    features, labels, bank, counts = _tie_case(target.device, dtype, torch.float32 if fp32 == "mixed" else None)
-    values, indices = target.backend.max_forward(features, labels, bank, counts, IGNORE)
+    features, labels, bank, counts = _tie_case(cuda_target.device, dtype, torch.float32 if fp32 == "mixed" else None)
+    values, indices = cuda_target.backend.max_forward(features, labels, bank, counts, IGNORE)
     expected = _exact_argmax(features, labels, bank, counts)
     assert torch.equal(indices, expected)
     assert indices[:3].tolist() == [5, 5, 5] and int(indices[3]) == 149
@@ -610,49 +594,49 @@ def test_ties_pick_the_lowest_slot(dtype, fp32, precision, target):
 
 @pytest.mark.parametrize("dtype, fp32", CONFIGS, ids=CONFIG_IDS)
 @pytest.mark.parametrize("shape", ["small", "large_c", "vector_loads"])
-def test_backward_matches_reference(shape, dtype, fp32, precision, target):
+def test_backward_matches_reference(shape, dtype, fp32, precision, cuda_target):
     precision(fp32)
     num_classes, slots, dim, counts, num_rows, images = SHAPES[shape]
-    features, labels, bank, counts = make_case(target.device, num_classes, slots, dim, counts, num_rows, dtype=dtype, images=images)
+    features, labels, bank, counts = make_case(cuda_target.device, num_classes, slots, dim, counts, num_rows, dtype=dtype, images=images)
     values, indices = REFERENCE.max_forward(features, labels, bank, counts, IGNORE)
-    grad = torch.randn(labels.shape, device=target.device)
+    grad = torch.randn(labels.shape, device=cuda_target.device)
     grad[::5] = 0.0  # rows that carry no gradient skip the gather
     rtol, atol = TOLERANCES[(dtype, fp32)]["grad"]
-    got = target.backend.max_backward(grad, features, labels, bank, values, indices)
+    got = cuda_target.backend.max_backward(grad, features, labels, bank, values, indices)
     want = REFERENCE.max_backward(grad, features, labels, bank, values, indices)
     assert got.shape == (labels.numel(), dim) and got.dtype == dtype and got.is_contiguous()
     torch.testing.assert_close(got, want, rtol=rtol, atol=atol)
     assert (got[indices == -1] == 0).all()
     # an expanded (stride 0) incoming gradient, as autograd passes for a sum
-    ones = torch.ones((), device=target.device).expand(labels.numel())
+    ones = torch.ones((), device=cuda_target.device).expand(labels.numel())
     torch.testing.assert_close(
-        target.backend.max_backward(ones, features, labels, bank, values, indices),
+        cuda_target.backend.max_backward(ones, features, labels, bank, values, indices),
         REFERENCE.max_backward(ones, features, labels, bank, values, indices), rtol=rtol, atol=atol,
     )
 
     _, ssum, dsum = REFERENCE.all_forward(features, labels, bank, counts, 0.05, IGNORE)
-    got = target.backend.all_backward(grad, features, ssum, dsum)
+    got = cuda_target.backend.all_backward(grad, features, ssum, dsum)
     want = REFERENCE.all_backward(grad, features, ssum, dsum)
     assert got.dtype == dtype and got.shape == (labels.numel(), dim)
     torch.testing.assert_close(got, want, rtol=rtol, atol=atol)
 
 
 @pytest.mark.parametrize("dtype, fp32", CONFIGS, ids=CONFIG_IDS)
-def test_two_runs_are_bitwise_identical(dtype, fp32, precision, target):
+def test_two_runs_are_bitwise_identical(dtype, fp32, precision, cuda_target):
     precision(fp32)
     num_classes, slots, dim, counts, num_rows, images = SHAPES["large_c"]
-    features, labels, bank, counts = make_case(target.device, num_classes, slots, dim, counts, num_rows, dtype=dtype, images=images)
+    features, labels, bank, counts = make_case(cuda_target.device, num_classes, slots, dim, counts, num_rows, dtype=dtype, images=images)
     runs = (
-        lambda: target.backend.max_forward(features, labels, bank, counts, IGNORE),
-        lambda: target.backend.all_forward(features, labels, bank, counts, 0.0, IGNORE),
+        lambda: cuda_target.backend.max_forward(features, labels, bank, counts, IGNORE),
+        lambda: cuda_target.backend.all_forward(features, labels, bank, counts, 0.0, IGNORE),
     )
     for run in runs:
         first, second = run(), run()
         assert all(torch.equal(a.view(torch.uint8), b.view(torch.uint8)) for a, b in zip(first, second))
-    values, indices = target.backend.max_forward(features, labels, bank, counts, IGNORE)
-    grad = torch.randn(labels.shape, device=target.device)
-    first = target.backend.max_backward(grad, features, labels, bank, values, indices)
-    assert torch.equal(first.view(torch.uint8), target.backend.max_backward(grad, features, labels, bank, values, indices).view(torch.uint8))
+    values, indices = cuda_target.backend.max_forward(features, labels, bank, counts, IGNORE)
+    grad = torch.randn(labels.shape, device=cuda_target.device)
+    first = cuda_target.backend.max_backward(grad, features, labels, bank, values, indices)
+    assert torch.equal(first.view(torch.uint8), cuda_target.backend.max_backward(grad, features, labels, bank, values, indices).view(torch.uint8))
 
 
 
@@ -696,14 +680,14 @@ def test_no_host_sync():
         torch.cuda.set_sync_debug_mode("default")
 
 
-def test_public_api_and_gradients_match_reference(target, monkeypatch):
+def test_public_api_and_gradients_match_reference(cuda_target, monkeypatch):
     """backend="cuda" through the public functions, the custom ops and the autograd.Functions
     (the emulation stands in for the "cuda" backend on the CPU)."""
     cossim_fast.set_strict(True)  # no silent fallback to another backend
-    if target.device == "cpu":
+    if cuda_target.device == "cpu":
         load = dispatch.load_backend
-        monkeypatch.setattr(dispatch, "load_backend", lambda name: target.backend if name == "cuda" else load(name))
-    features, labels, bank, counts = make_case(target.device, 3, 40, 24, [40, 13, 0], 2 * 6 * 7, dtype=torch.float32, images=2)
+        monkeypatch.setattr(dispatch, "load_backend", lambda name: cuda_target.backend if name == "cuda" else load(name))
+    features, labels, bank, counts = make_case(cuda_target.device, 3, 40, 24, [40, 13, 0], 2 * 6 * 7, dtype=torch.float32, images=2)
     maps = features.transpose(1, 2).reshape(2, 24, 6, 7)  # B x C x H x W, labels B x H x W
     maps_labels = labels.reshape(2, 6, 7)
     values, indices = cossim_fast.max_cosine_similarity(maps, maps_labels, bank, counts, backend="cuda")
@@ -723,24 +707,24 @@ def test_public_api_and_gradients_match_reference(target, monkeypatch):
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=["fp32", "bf16", "fp16"])
-def test_agrees_with_triton(dtype, target):
+def test_agrees_with_triton(dtype, cuda_target):
     triton_module = pytest.importorskip("cossim_fast.backends.triton")
     triton = triton_module.TritonBackend()
-    if triton.unsupported_reasons("max_forward", torch.device(target.device), dtype):
+    if triton.unsupported_reasons("max_forward", torch.device(cuda_target.device), dtype):
         pytest.skip("triton backend unavailable on cuda")
     num_classes, slots, dim, counts, num_rows, images = SHAPES["vector_loads"]
-    features, labels, bank, counts = make_case(target.device, num_classes, slots, dim, counts, num_rows, dtype=dtype, images=images)
+    features, labels, bank, counts = make_case(cuda_target.device, num_classes, slots, dim, counts, num_rows, dtype=dtype, images=images)
     tol = TOLERANCES[(dtype, "ieee")]
-    got = target.backend.max_forward(features, labels, bank, counts, IGNORE)
+    got = cuda_target.backend.max_forward(features, labels, bank, counts, IGNORE)
     other = triton.max_forward(features, labels, bank, counts, IGNORE)
     assert_same_max(features, labels, bank, counts, got, other, tol["sim"] * 2)
-    got_all = target.backend.all_forward(features, labels, bank, counts, 0.05, IGNORE)
+    got_all = cuda_target.backend.all_forward(features, labels, bank, counts, 0.05, IGNORE)
     triton_all = triton.all_forward(features, labels, bank, counts, 0.05, IGNORE)
     assert_same_all(features, labels, bank, counts, 0.05, got_all, triton_all, tol, min_sure=0.9)
-    grad = torch.randn(labels.shape, device=target.device)
+    grad = torch.randn(labels.shape, device=cuda_target.device)
     rtol, atol = tol["grad"]
     torch.testing.assert_close(
-        target.backend.max_backward(grad, features, labels, bank, *got), triton.max_backward(grad, features, labels, bank, *got),
+        cuda_target.backend.max_backward(grad, features, labels, bank, *got), triton.max_backward(grad, features, labels, bank, *got),
         rtol=rtol, atol=atol,
     )
 

@@ -1,5 +1,6 @@
 """The compiled extension ``cossim_fast._C``: loading, op registration, host-side argument checks,
-fake kernel, and (on a GPU) the CUDA ring-buffer update against plain PyTorch, bitwise."""
+fake kernel, and the CUDA ring-buffer update against plain PyTorch, bitwise (on a GPU, and on the
+CPU through the CUDA emulation)."""
 
 from __future__ import annotations
 
@@ -203,7 +204,8 @@ def test_cuda_backend_reasons():
 
 
 # --------------------------------------------------------------------------------------------
-# The CUDA kernel against plain PyTorch, bitwise (GPU only)
+# The CUDA kernel against plain PyTorch, bitwise: on a GPU, and on the CPU through the CUDA
+# emulation (tests/cuda_emulation), which runs the same kernel source
 
 
 def reference_update(bank, counts, ptr, features, labels, order, denom, max_per_class, ignore_index):
@@ -232,20 +234,20 @@ def bits(t):
     return t.view({torch.float32: torch.int32, torch.bfloat16: torch.int16, torch.float16: torch.int16}[t.dtype])
 
 
-def make_case(num_classes, slots, dim, batch, height, width, bank_dtype, feature_dtype, skew, seed):
+def make_case(device, num_classes, slots, dim, batch, height, width, bank_dtype, feature_dtype, skew, seed):
     """NCHW maps viewed as (B, H*W, C) (strided), labels skewed to class 0 (n_0 > M), ignored rows."""
-    gen = torch.Generator(device="cuda").manual_seed(seed)
-    maps = torch.randn(batch, dim, height, width, device="cuda", generator=gen).to(feature_dtype)
+    gen = torch.Generator(device=device).manual_seed(seed)
+    maps = torch.randn(batch, dim, height, width, device=device, generator=gen).to(feature_dtype)
     features = maps.flatten(2).transpose(1, 2)
     num_rows = batch * height * width
-    labels = torch.randint(0, num_classes, (num_rows,), device="cuda", generator=gen)
-    labels = torch.where(torch.rand(num_rows, device="cuda", generator=gen) < skew, 0, labels)
-    labels = torch.where(torch.rand(num_rows, device="cuda", generator=gen) < 0.1, IGNORE, labels)
+    labels = torch.randint(0, num_classes, (num_rows,), device=device, generator=gen)
+    labels = torch.where(torch.rand(num_rows, device=device, generator=gen) < skew, 0, labels)
+    labels = torch.where(torch.rand(num_rows, device=device, generator=gen) < 0.1, IGNORE, labels)
     denom = torch.linalg.vector_norm(features, dim=2, dtype=torch.float32).clamp_min(1e-12).reshape(-1).contiguous()
-    bank = torch.randn(num_classes, slots, dim, device="cuda", generator=gen).to(bank_dtype)
-    counts = torch.randint(0, slots + 1, (num_classes,), device="cuda", generator=gen)
-    ptr = torch.randint(0, slots, (num_classes,), device="cuda", generator=gen)
-    order = torch.randperm(num_rows, device="cuda", generator=gen)
+    bank = torch.randn(num_classes, slots, dim, device=device, generator=gen).to(bank_dtype)
+    counts = torch.randint(0, slots + 1, (num_classes,), device=device, generator=gen)
+    ptr = torch.randint(0, slots, (num_classes,), device=device, generator=gen)
+    order = torch.randperm(num_rows, device=device, generator=gen)
     return bank, counts, ptr, features, labels, order, denom
 
 
@@ -260,18 +262,17 @@ CASES = [
 DTYPE_PAIRS = [(b, f) for b in (torch.float32, torch.bfloat16, torch.float16) for f in (torch.float32, torch.bfloat16, torch.float16)]
 
 
-@pytest.mark.gpu
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 @pytest.mark.parametrize("case", CASES, ids=lambda c: "K{}-M{}-C{}-B{}-{}x{}".format(*c[:6]))
 @pytest.mark.parametrize("bank_dtype, feature_dtype", DTYPE_PAIRS, ids=lambda d: str(d).removeprefix("torch."))
 @pytest.mark.parametrize("use_order", [True, False], ids=["order", "no-order"])
 @pytest.mark.parametrize("max_per_class", [-1, 0, 5, 100000])
-def test_cuda_kernel_matches_pytorch_bitwise(case, bank_dtype, feature_dtype, use_order, max_per_class):
+def test_cuda_kernel_matches_pytorch_bitwise(case, bank_dtype, feature_dtype, use_order, max_per_class, cuda_target):
     from cossim_fast.backends.ring_buffer import ring_buffer_update_torch
 
     num_classes, slots, dim, batch, height, width, skew = case
     bank, counts, ptr, features, labels, order, denom = make_case(
-        num_classes, slots, dim, batch, height, width, bank_dtype, feature_dtype, skew, seed=sum(case[:6])
+        cuda_target.device, num_classes, slots, dim, batch, height, width, bank_dtype, feature_dtype, skew,
+        seed=sum(case[:6]),
     )
     assert dim == 1 or not features.is_contiguous()  # an NCHW-derived strided view
     order = order if use_order else None
@@ -280,12 +281,14 @@ def test_cuda_kernel_matches_pytorch_bitwise(case, bank_dtype, feature_dtype, us
     package = [bank.clone(), counts.clone(), ptr.clone()]
     ring_buffer_update_torch(*package, features, labels, order, denom, max_per_class, IGNORE)
 
-    torch.cuda.synchronize()
-    torch.cuda.set_sync_debug_mode("error")
+    if cuda_target.device == "cuda":
+        torch.cuda.synchronize()
+        torch.cuda.set_sync_debug_mode("error")
     try:
-        op()(bank, counts, ptr, features, labels, order, denom, max_per_class, IGNORE)
+        cuda_target.backend.update(bank, counts, ptr, features, labels, order, denom, max_per_class, IGNORE)
     finally:
-        torch.cuda.set_sync_debug_mode("default")
+        if cuda_target.device == "cuda":
+            torch.cuda.set_sync_debug_mode("default")
     assert torch.equal(bits(bank), bits(expected[0]))
     assert torch.equal(counts, expected[1])
     assert torch.equal(ptr, expected[2])
@@ -294,16 +297,16 @@ def test_cuda_kernel_matches_pytorch_bitwise(case, bank_dtype, feature_dtype, us
     assert torch.equal(package[1], expected[1]) and torch.equal(package[2], expected[2])
 
 
-@pytest.mark.gpu
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
-def test_cuda_kernel_repeated_updates_and_backend():
+def test_cuda_kernel_repeated_updates_and_backend(cuda_target):
     """Several updates in a row through CudaBackend (ptr wraps repeatedly); deterministic."""
-    bank, counts, ptr, features, labels, order, denom = make_case(6, 9, 24, 2, 9, 11, torch.bfloat16, torch.float16, 0.4, 7)
+    bank, counts, ptr, features, labels, order, denom = make_case(
+        cuda_target.device, 6, 9, 24, 2, 9, 11, torch.bfloat16, torch.float16, 0.4, 7
+    )
     expected = [bank.clone(), counts.clone(), ptr.clone()]
     again = [bank.clone(), counts.clone(), ptr.clone()]
-    backend = CudaBackend()
+    backend = cuda_target.backend
     for step in range(4):
-        perm = torch.randperm(labels.numel(), device="cuda") if step % 2 else None
+        perm = torch.randperm(labels.numel(), device=cuda_target.device) if step % 2 else None
         reference_update(*expected, features, labels, perm, denom, 7, IGNORE)
         backend.update(bank, counts, ptr, features, labels, perm, denom, 7, IGNORE)
         backend.update(*again, features, labels, perm, denom, 7, IGNORE)
@@ -312,11 +315,33 @@ def test_cuda_kernel_repeated_updates_and_backend():
     assert torch.equal(counts, expected[1]) and torch.equal(ptr, expected[2])
 
 
+
+def test_emulated_update_same_bits_in_any_thread_order():
+    """Emulation only: threads and blocks in index order, reversed and shuffled write the same
+    bank (each element has one writer; a race would make it depend on the order)."""
+    from cuda_emulation import EmulatedCudaBackend
+
+    emulated = EmulatedCudaBackend()
+    bank, counts, ptr, features, labels, order, denom = make_case("cpu", 4, 1500, 70, 2, 41, 43, torch.bfloat16, torch.float32, 0.6, 5)
+    results = []
+    try:
+        for seed in (0, 1, 2):
+            emulated.ops.set_schedule(seed)
+            state = [bank.clone(), counts.clone(), ptr.clone()]
+            emulated.update(*state, features, labels, order, denom, -1, IGNORE)
+            results.append(state)
+    finally:
+        emulated.ops.set_schedule(0)
+    assert not torch.equal(bits(results[0][0]), bits(bank))
+    for state in results[1:]:
+        assert all(torch.equal(bits(a) if a.is_floating_point() else a, bits(b) if b.is_floating_point() else b)
+                   for a, b in zip(results[0], state))
+
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 def test_cuda_kernel_edge_cases():
     # empty input: a no-op
-    bank, counts, ptr, features, labels, order, denom = make_case(3, 4, 8, 1, 2, 2, torch.float32, torch.float32, 0.0, 1)
+    bank, counts, ptr, features, labels, order, denom = make_case("cuda", 3, 4, 8, 1, 2, 2, torch.float32, torch.float32, 0.0, 1)
     before = [bank.clone(), counts.clone(), ptr.clone()]
     empty = features[:, :0]
     op()(bank, counts, ptr, empty, labels[:0], order[:0], denom[:0], -1, IGNORE)
@@ -334,7 +359,7 @@ def test_cuda_kernel_edge_cases():
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 @pytest.mark.parametrize("use_order", [True, False])
 def test_cuda_opcheck(use_order):
-    bank, counts, ptr, features, labels, order, denom = make_case(4, 5, 16, 2, 3, 5, torch.bfloat16, torch.float32, 0.5, 3)
+    bank, counts, ptr, features, labels, order, denom = make_case("cuda", 4, 5, 16, 2, 3, 5, torch.bfloat16, torch.float32, 0.5, 3)
     args = (bank, counts, ptr, features, labels, order if use_order else None, denom, 3, IGNORE)
     torch.library.opcheck(op().default, args)
 
@@ -342,7 +367,7 @@ def test_cuda_opcheck(use_order):
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.device_count() > 1, reason="needs two CUDA GPUs")
 def test_cuda_kernel_on_non_current_device():
-    bank, counts, ptr, features, labels, order, denom = make_case(4, 5, 16, 2, 3, 5, torch.float32, torch.float32, 0.5, 3)
+    bank, counts, ptr, features, labels, order, denom = make_case("cuda", 4, 5, 16, 2, 3, 5, torch.float32, torch.float32, 0.5, 3)
     moved = [t.to("cuda:1") for t in (bank, counts, ptr, features, labels, order, denom)]
     expected = [bank.clone(), counts.clone(), ptr.clone()]
     reference_update(*expected, features, labels, order, denom, -1, IGNORE)

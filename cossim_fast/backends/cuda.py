@@ -10,8 +10,8 @@
 - backward: ``cuda_max_backward`` / ``cuda_all_backward``, elementwise per row.
 - dictionary update: ``ring_buffer_update``.
 
-The kernels are in ``csrc/cuda/cosine_similarity_kernels.cuh`` (launched by ``cosine_similarity.cu``)
-and ``csrc/cuda/dictionary_update.cu``.
+The kernels are in ``csrc/cuda/cosine_similarity_kernels.cuh`` and
+``csrc/cuda/dictionary_update_kernels.cuh``, launched by the ``.cu`` files beside them.
 """
 
 from __future__ import annotations
@@ -89,8 +89,8 @@ class CudaBackend(Backend):
     """Hand-written CUDA kernels of the compiled extension."""
 
     name = "cuda"
-    #: Where the forward/backward ops are looked up: the tests substitute the CPU emulation of
-    #: the same kernels (tests/cuda_emulation), which has functions of the same names.
+    #: Where the ops are looked up: the tests substitute the CPU emulation of the same kernels
+    #: (tests/cuda_emulation), which has functions of the same names.
     ops = torch.ops.cossim_fast
 
     def unsupported_reasons(self, op: str, device: torch.device, dtype: torch.dtype) -> list[str]:
@@ -177,6 +177,6 @@ class CudaBackend(Backend):
         max_per_class: int,
         ignore_index: int,
     ) -> None:
-        torch.ops.cossim_fast.ring_buffer_update(
+        self.ops.ring_buffer_update(
             bank, counts, ptr, features, labels, order, denom, int(max_per_class), int(ignore_index)
         )

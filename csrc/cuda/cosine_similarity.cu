@@ -6,38 +6,21 @@
 #include <tuple>
 
 #include <ATen/cuda/CUDAContext.h>
-#include <c10/cuda/CUDAException.h>
 #include <c10/cuda/CUDAGuard.h>
-#include <c10/cuda/CUDAStream.h>
 #include <torch/library.h>
 
 #include "cosine_similarity_kernels.cuh"
+#include "device_launch.cuh"
 
 namespace cossim_fast {
 namespace {
 
-using kernels::kThreads;
 using kernels::kWarps;
 
 constexpr const char* kMaxForwardOp = "cossim_fast::cuda_max_forward: ";
 constexpr const char* kAllForwardOp = "cossim_fast::cuda_all_forward: ";
 constexpr const char* kMaxBackwardOp = "cossim_fast::cuda_max_backward: ";
 constexpr const char* kAllBackwardOp = "cossim_fast::cuda_all_backward: ";
-
-// Launches on the GPU, on the current stream of features' device (the caller holds the guard).
-struct DeviceLaunch {
-  cudaStream_t stream;
-
-  template <typename... Params, typename... Args>
-  void operator()(void (*kernel)(Params...), int64_t blocks, const Args&... args) const {
-    kernel<<<static_cast<unsigned int>(blocks), kThreads, 0, stream>>>(args...);
-    C10_CUDA_KERNEL_LAUNCH_CHECK();
-  }
-};
-
-DeviceLaunch on_current_stream(const at::Tensor& features) {
-  return DeviceLaunch{c10::cuda::getCurrentCUDAStream(features.device().index()).stream()};
-}
 
 void check_cuda(const char* op, const at::Tensor& features) {
   TORCH_CHECK(features.is_cuda(), op, "the CUDA kernel needs CUDA tensors, got features on ", features.device());
@@ -74,7 +57,7 @@ std::tuple<at::Tensor, at::Tensor> cuda_max_forward_cuda(
   check_cuda(kMaxForwardOp, features);
   const c10::cuda::CUDAGuard guard(features.device());
   check_tensor_cores(kMaxForwardOp, features, bank, precision);
-  return kernels::max_forward(features, labels, bank, counts, rows, tiles, precision, on_current_stream(features));
+  return kernels::max_forward(features, labels, bank, counts, rows, tiles, precision, on_current_stream(features.device().index()));
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> cuda_all_forward_cuda(
@@ -92,7 +75,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> cuda_all_forward_cuda(
   const c10::cuda::CUDAGuard guard(features.device());
   check_tensor_cores(kAllForwardOp, features, bank, precision);
   return kernels::all_forward(
-      features, labels, bank, counts, rows, tiles, threshold, precision, on_current_stream(features));
+      features, labels, bank, counts, rows, tiles, threshold, precision, on_current_stream(features.device().index()));
 }
 
 at::Tensor cuda_max_backward_cuda(
@@ -106,7 +89,7 @@ at::Tensor cuda_max_backward_cuda(
   check_cuda(kMaxBackwardOp, features);
   check_grid(kMaxBackwardOp, features);
   const c10::cuda::CUDAGuard guard(features.device());
-  return kernels::max_backward(grad_values, features, labels, bank, values, indices, on_current_stream(features));
+  return kernels::max_backward(grad_values, features, labels, bank, values, indices, on_current_stream(features.device().index()));
 }
 
 at::Tensor cuda_all_backward_cuda(
@@ -118,7 +101,7 @@ at::Tensor cuda_all_backward_cuda(
   check_cuda(kAllBackwardOp, features);
   check_grid(kAllBackwardOp, features);
   const c10::cuda::CUDAGuard guard(features.device());
-  return kernels::all_backward(grad_ssum, features, ssum, dsum, on_current_stream(features));
+  return kernels::all_backward(grad_ssum, features, ssum, dsum, on_current_stream(features.device().index()));
 }
 
 }  // namespace

@@ -56,12 +56,12 @@
 #endif
 
 #include <ATen/ATen.h>
-#include <ATen/Dispatch.h>
 #include <ATen/core/Tensor.h>
 #include <c10/util/BFloat16.h>
 #include <c10/util/Half.h>
 
 #include "../cosine_similarity.h"
+#include "dispatch_floats.h"
 
 namespace cossim_fast::kernels {
 // Internal linkage, as the kernels of a .cu file of their own (one translation unit includes
@@ -647,15 +647,8 @@ __global__ void __launch_bounds__(kThreads) row_gradient_kernel(
 
 // --------------------------------------------------------------------------------------------
 // Host side, shared by the GPU ops and the emulation: fill the parameters, pick the kernel,
-// allocate the outputs. Arguments are checked by the caller. `launch(kernel, blocks, args...)`
-// runs `kernel(args...)` on `blocks` thread blocks of kThreads threads.
-
-// float32, bfloat16, float16 only (the checks have rejected everything else).
-#define COSSIM_FAST_DISPATCH_FLOATS(TYPE, NAME, ...)                          \
-  AT_DISPATCH_SWITCH(                                                         \
-      TYPE, NAME, AT_DISPATCH_CASE(at::ScalarType::Float, __VA_ARGS__)        \
-                      AT_DISPATCH_CASE(at::ScalarType::BFloat16, __VA_ARGS__) \
-                          AT_DISPATCH_CASE(at::ScalarType::Half, __VA_ARGS__))
+// allocate the outputs. Arguments are checked by the caller. `launch(kernel, grid, threads,
+// args...)` runs `kernel(args...)` on a grid of thread blocks of `threads` threads.
 
 // 16-byte vector loads of a (B, P, C) view: unit channel stride, C and every row offset a
 // multiple of the vector width, aligned base pointer.
@@ -671,16 +664,17 @@ inline bool vector_loads_ok(const void* ptr, int64_t element_size, int64_t dim, 
 template <Mode MODE, typename feat_t, typename bank_t, typename Launch>
 void launch_forward(const ForwardParams<feat_t, bank_t>& params, int64_t num_tiles, Fp32Precision precision,
                     const Launch& launch) {
+  const dim3 grid(static_cast<unsigned int>(num_tiles));
   if constexpr (std::is_same_v<feat_t, bank_t> && !std::is_same_v<feat_t, float>) {
-    launch(class_forward_kernel<MODE, Path::kTensor16, feat_t, bank_t>, num_tiles, params);
+    launch(class_forward_kernel<MODE, Path::kTensor16, feat_t, bank_t>, grid, kThreads, params);
   } else if constexpr (std::is_same_v<feat_t, float> && std::is_same_v<bank_t, float>) {
     if (precision == Fp32Precision::kTf32) {
-      launch(class_forward_kernel<MODE, Path::kTf32, feat_t, bank_t>, num_tiles, params);
+      launch(class_forward_kernel<MODE, Path::kTf32, feat_t, bank_t>, grid, kThreads, params);
     } else {
-      launch(class_forward_kernel<MODE, Path::kSimt, feat_t, bank_t>, num_tiles, params);
+      launch(class_forward_kernel<MODE, Path::kSimt, feat_t, bank_t>, grid, kThreads, params);
     }
   } else {
-    launch(class_forward_kernel<MODE, Path::kSimt, feat_t, bank_t>, num_tiles, params);
+    launch(class_forward_kernel<MODE, Path::kSimt, feat_t, bank_t>, grid, kThreads, params);
   }
 }
 
@@ -793,7 +787,8 @@ void launch_gradient(
   const int64_t num_rows = features.size(0) * features.size(1);
   launch(
       row_gradient_kernel<GATHER, feat_t, pull_t>,
-      (num_rows + kWarps - 1) / kWarps,
+      dim3(static_cast<unsigned int>((num_rows + kWarps - 1) / kWarps)),
+      kThreads,
       out.data_ptr<feat_t>(),
       features.const_data_ptr<feat_t>(),
       features.size(1),

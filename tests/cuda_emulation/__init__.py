@@ -1,8 +1,8 @@
-"""The CUDA backend's forward/backward kernels on the CPU, through an emulation of the CUDA
-execution model (cuda_emulation.h says what it checks and what it cannot).
+"""The CUDA backend's kernels on the CPU, through an emulation of the CUDA execution model
+(cuda_emulation.h says what it checks and what it cannot).
 
 ``EmulatedCudaBackend()`` compiles ``emulated_kernels.cpp`` -- the kernel source of the GPU build,
-csrc/cuda/cosine_similarity_kernels.cuh, with the CUDA headers replaced by the emulation -- with
+csrc/cuda/*_kernels.cuh, with the CUDA headers replaced by the emulation -- with
 the host C++ compiler (once per torch version; later runs reuse the build) and returns a
 CudaBackend whose ops are the emulated kernels, on CPU tensors. Passing tests here say the
 kernels' logic is right; they say nothing about speed, and do not replace a run on a GPU.
@@ -19,6 +19,7 @@ import pytest
 import torch
 from torch.utils import cpp_extension
 
+from cossim_fast.backends.base import OPERATIONS
 from cossim_fast.backends.cuda import CudaBackend
 
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -67,4 +68,4 @@ class EmulatedCudaBackend(CudaBackend):
     def unsupported_reasons(self, op: str, device: torch.device, dtype: torch.dtype) -> list[str]:
         if device.type != "cpu":
             return [f"the CUDA emulation runs on cpu tensors, got {device.type}"]
-        return [] if op in ("max_forward", "max_backward", "all_forward", "all_backward") else [f"{op} is not emulated"]
+        return [] if op in OPERATIONS else [f"unknown operation {op!r}"]

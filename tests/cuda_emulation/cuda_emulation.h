@@ -30,6 +30,7 @@
 #include <cstring>
 #include <algorithm>
 #include <functional>
+#include <limits>
 #include <numeric>
 #include <random>
 #include <memory>
@@ -55,11 +56,15 @@
 #define __align__(n) __attribute__((aligned(n)))
 
 struct dim3 {
-  unsigned int x = 0, y = 0, z = 0;
+  unsigned int x, y, z;
+  constexpr dim3(unsigned int x = 1, unsigned int y = 1, unsigned int z = 1) : x(x), y(y), z(z) {}
 };
-// The running thread's index and its block's: set by the scheduler before it switches to a fiber.
-inline dim3 threadIdx;
-inline dim3 blockIdx;
+// The running thread's index and its block's, set by the scheduler before it switches to a
+// fiber; the launch's sizes (z is always 1: the kernels use 1-D blocks and 1-D or 2-D grids).
+inline dim3 threadIdx{0, 0, 0};
+inline dim3 blockIdx{0, 0, 0};
+inline dim3 blockDim;
+inline dim3 gridDim;
 
 struct alignas(16) uint4 {
   unsigned int x, y, z, w;
@@ -119,6 +124,7 @@ struct Block {
   int predicate_or[2] = {0, 0};
   std::function<void()> body;
   std::string error;
+  std::vector<int64_t> exchange[2];  // each thread's input to a block-wide collective (cub)
   void* scheduler_fake_stack = nullptr;
   const void* scheduler_stack = nullptr;  // the scheduler's stack, for AddressSanitizer
   size_t scheduler_stack_size = 0;
@@ -196,6 +202,15 @@ inline int sync_block_or(int site, int predicate) {
   running->predicate_or[buffer] |= predicate != 0;
   wait_at(Wait::kBlock, site);
   return running->predicate_or[buffer];
+}
+
+// A block-wide collective (cub's BlockReduce, BlockScan): every thread hands in `value` and,
+// once the whole block is there, gets every thread's value, in thread order.
+inline const std::vector<int64_t>& block_collective(int site, int64_t value) {
+  const int buffer = static_cast<int>(running->generation % 2);
+  running->exchange[buffer][threadIdx.x] = value;
+  wait_at(Wait::kBlock, site);
+  return running->exchange[buffer];
 }
 
 // Waits until all 32 lanes reach this warp operation with the same arguments; returns the
@@ -320,13 +335,15 @@ inline void schedule(std::vector<int>& order, int n, std::mt19937_64& random) {
 }
 
 // Runs `body` as `threads` CUDA threads of block `index`; throws std::runtime_error on misuse.
-inline void run_block(unsigned int index, int threads, const std::function<void()>& body, std::mt19937_64& random) {
+inline void run_block(dim3 index, int threads, const std::function<void()>& body, std::mt19937_64& random) {
   Block block;
   block.fibers.resize(threads);
   block.warps.resize((threads + kWarpSize - 1) / kWarpSize);
   block.body = body;
   running = &block;
-  blockIdx.x = index;
+  block.exchange[0].resize(threads);
+  block.exchange[1].resize(threads);
+  blockIdx = index;
   for (Fiber& fiber : block.fibers) {
     fiber.stack.reset(new char[kStackBytes]);
     getcontext(&fiber.context);
@@ -354,13 +371,16 @@ inline void run_block(unsigned int index, int threads, const std::function<void(
   if (!block.error.empty()) throw std::runtime_error("CUDA emulation: " + block.error);
 }
 
-// kernel<<<blocks, threads>>>(...): the blocks one at a time, each to completion, in the
+// kernel<<<grid, threads>>>(...): the blocks one at a time, each to completion, in the
 // schedule's order.
-inline void launch(int64_t blocks, int threads, const std::function<void()>& body) {
+inline void launch(dim3 grid, int threads, const std::function<void()>& body) {
+  if (grid.z != 1) throw std::invalid_argument("CUDA emulation: 3-D grids are not emulated");
   std::mt19937_64 random(schedule_seed);
   std::vector<int> order;
-  schedule(order, static_cast<int>(blocks), random);
-  for (const int b : order) run_block(static_cast<unsigned int>(b), threads, body, random);
+  schedule(order, static_cast<int>(grid.x * grid.y), random);
+  gridDim = grid;
+  blockDim = dim3(static_cast<unsigned int>(threads));
+  for (const int b : order) run_block(dim3(b % grid.x, b / grid.x, 0), threads, body, random);
 }
 
 }  // namespace cuda_emulation
@@ -369,6 +389,42 @@ inline void launch(int64_t blocks, int threads, const std::function<void()>& bod
 #define __syncthreads_or(predicate) ::cuda_emulation::sync_block_or(__LINE__, (predicate))
 #define __shfl_xor_sync(mask, value, lane_mask) ::cuda_emulation::shfl_xor(__LINE__, (mask), (value), (lane_mask))
 #define __trap() ::cuda_emulation::trap(__LINE__)
+
+// cub: the block-wide reduction and scan the kernels use, on integers. Each call is a block
+// collective (checked like __syncthreads: the whole block, one call site). Like cub, Sum's
+// result is defined in thread 0 only: the others get the type's lowest value, so a kernel that
+// reads it elsewhere goes wrong here too.
+namespace cub {
+
+template <typename T, int kThreads>
+class BlockReduce {
+  static_assert(std::is_integral_v<T>, "the emulation reduces integers");
+
+ public:
+  struct TempStorage {};
+  explicit BlockReduce(TempStorage&) {}
+  T Sum(T input, int site = __builtin_LINE()) {
+    const auto& values = ::cuda_emulation::block_collective(site, static_cast<int64_t>(input));
+    if (threadIdx.x != 0) return std::numeric_limits<T>::lowest();
+    return static_cast<T>(std::accumulate(values.begin(), values.end(), int64_t{0}));
+  }
+};
+
+template <typename T, int kThreads>
+class BlockScan {
+  static_assert(std::is_integral_v<T>, "the emulation scans integers");
+
+ public:
+  struct TempStorage {};
+  explicit BlockScan(TempStorage&) {}
+  void ExclusiveSum(T input, T& output, T& block_aggregate, int site = __builtin_LINE()) {
+    const auto& values = ::cuda_emulation::block_collective(site, static_cast<int64_t>(input));
+    output = static_cast<T>(std::accumulate(values.begin(), values.begin() + threadIdx.x, int64_t{0}));
+    block_aggregate = static_cast<T>(std::accumulate(values.begin(), values.end(), int64_t{0}));
+  }
+};
+
+}  // namespace cub
 
 // WMMA: the subset of nvcuda::wmma the kernels use, with the whole tile in every lane.
 namespace nvcuda::wmma {

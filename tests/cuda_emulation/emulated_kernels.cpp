@@ -7,6 +7,7 @@
 #include <torch/extension.h>
 
 #include "cuda/cosine_similarity_kernels.cuh"
+#include "cuda/dictionary_update_kernels.cuh"
 #include "self_checks.h"
 
 namespace {
@@ -16,8 +17,8 @@ namespace kernels = cossim_fast::kernels;
 
 struct EmulatedLaunch {
   template <typename... Params, typename... Args>
-  void operator()(void (*kernel)(Params...), int64_t blocks, const Args&... args) const {
-    cuda_emulation::launch(blocks, kernels::kThreads, [&] { kernel(args...); });
+  void operator()(void (*kernel)(Params...), dim3 grid, int threads, const Args&... args) const {
+    cuda_emulation::launch(grid, threads, [&] { kernel(args...); });
   }
 };
 
@@ -57,6 +58,19 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
     check_cpu(features);
     return kernels::all_backward(grad_ssum, features, ssum, dsum, EmulatedLaunch{});
   });
+  m.def(
+      "ring_buffer_update",
+      [](const at::Tensor& bank, const at::Tensor& counts, const at::Tensor& ptr, const at::Tensor& features,
+         const at::Tensor& labels, const std::optional<at::Tensor>& order, const at::Tensor& denom,
+         int64_t max_per_class, int64_t ignore_index, int64_t multiprocessors) {
+        check_cpu(features);
+        cossim_fast::update_kernels::ring_buffer_update(
+            bank, counts, ptr, features, labels, order, denom, max_per_class, ignore_index, multiprocessors,
+            EmulatedLaunch{});
+      },
+      pybind11::arg("bank"), pybind11::arg("counts"), pybind11::arg("ptr"), pybind11::arg("features"),
+      pybind11::arg("labels"), pybind11::arg("order"), pybind11::arg("denom"), pybind11::arg("max_per_class"),
+      pybind11::arg("ignore_index"), pybind11::arg("multiprocessors") = 132);  // an H100's SMs
   m.def("set_schedule", &cuda_emulation::set_schedule, "0: threads and blocks in index order, 1: reversed, else random from this seed");
   m.def("warp_sum", &self_checks::warp_sum);
   m.def("racy", &self_checks::racy);

@@ -100,7 +100,7 @@ inline at::Tensor warp_sum(const at::Tensor& values) {
   at::Tensor out = at::empty_like(values);
   const float* in = values.const_data_ptr<float>();
   float* o = out.data_ptr<float>();
-  cuda_emulation::launch(1, static_cast<int>(values.numel()), [&] { warp_sum_kernel(in, o); });
+  cuda_emulation::launch(dim3(1), static_cast<int>(values.numel()), [&] { warp_sum_kernel(in, o); });
   return out;
 }
 
@@ -108,7 +108,7 @@ inline at::Tensor sync_or(const at::Tensor& flags) {
   at::Tensor out = at::empty({2 * flags.numel()}, flags.options());
   const int64_t* in = flags.const_data_ptr<int64_t>();
   int64_t* o = out.data_ptr<int64_t>();
-  cuda_emulation::launch(1, static_cast<int>(flags.numel()), [&] { sync_or_kernel(in, o); });
+  cuda_emulation::launch(dim3(1), static_cast<int>(flags.numel()), [&] { sync_or_kernel(in, o); });
   return out;
 }
 
@@ -117,33 +117,33 @@ inline at::Tensor wmma_matmul(const at::Tensor& a, const at::Tensor& bt) {
   const auto* pa = reinterpret_cast<const __half*>(a.const_data_ptr<at::Half>());
   const auto* pb = reinterpret_cast<const __half*>(bt.const_data_ptr<at::Half>());
   float* pc = c.data_ptr<float>();
-  cuda_emulation::launch(1, 32, [&] { wmma_kernel(pa, pb, pc); });
+  cuda_emulation::launch(dim3(1), 32, [&] { wmma_kernel(pa, pb, pc); });
   return c;
 }
 
 inline float read_past_end(const at::Tensor& values) {
   float out = 0.0f;
   const float* in = values.const_data_ptr<float>();
-  cuda_emulation::launch(1, 32, [&] { read_past_end_kernel(in, values.numel(), &out); });
+  cuda_emulation::launch(dim3(1), 32, [&] { read_past_end_kernel(in, values.numel(), &out); });
   return out;
 }
 
 inline float read_shared_past_end(int64_t index) {
   float out = 0.0f;
-  cuda_emulation::launch(1, 32, [&] { shared_past_end_kernel<48>(index, &out); });
+  cuda_emulation::launch(dim3(1), 32, [&] { shared_past_end_kernel<48>(index, &out); });
   return out;
 }
 
 inline at::Tensor racy() {
   at::Tensor out = at::empty({64}, at::kLong);
   int64_t* o = out.data_ptr<int64_t>();
-  cuda_emulation::launch(1, 64, [&] { racy_kernel(o); });
+  cuda_emulation::launch(dim3(1), 64, [&] { racy_kernel(o); });
   return out;
 }
 
 inline void misuse(int which) {
   alignas(32) static __half data[16 * 17];
-  cuda_emulation::launch(1, 64, [&] { misuse_kernel(which, data); });
+  cuda_emulation::launch(dim3(1), 64, [&] { misuse_kernel(which, data); });
 }
 
 }  // namespace
