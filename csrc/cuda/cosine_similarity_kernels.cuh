@@ -47,14 +47,6 @@
 #include <tuple>
 #include <type_traits>
 
-#ifdef COSSIM_FAST_CUDA_EMULATION
-#include "cuda_emulation.h"
-#else
-#include <cuda_bf16.h>
-#include <cuda_fp16.h>
-#include <mma.h>
-#endif
-
 #include <ATen/ATen.h>
 #include <ATen/core/Tensor.h>
 #include <c10/util/BFloat16.h>
@@ -62,6 +54,16 @@
 
 #include "../cosine_similarity.h"
 #include "dispatch_floats.h"
+
+// After ATen: the emulation's function-like macros (__syncthreads(), mma_sync(...)) are for the
+// kernels below only.
+#ifdef COSSIM_FAST_CUDA_EMULATION
+#include "cuda_emulation.h"
+#else
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+#include <mma.h>
+#endif
 
 namespace cossim_fast::kernels {
 // Internal linkage, as the kernels of a .cu file of their own (one translation unit includes
@@ -488,7 +490,7 @@ __global__ void __launch_bounds__(kThreads, 2) class_forward_kernel(const Forwar
       } else {
         bool any = false;
         for (int j = q; j < kBlockN; j += kLanesPerRow) {
-          const float s = s_s[m * L::kLdS + j] * inv_norm;
+          const float s = __fmul_rn(s_s[m * L::kLdS + j], inv_norm);  // not fused into the sum below
           const bool take = my_row >= 0 && j < nt && s > p.threshold;
           if (take) {
             ++selected;

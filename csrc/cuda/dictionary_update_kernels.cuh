@@ -29,19 +29,20 @@
 #include <cstdint>
 #include <optional>
 
-#ifdef COSSIM_FAST_CUDA_EMULATION
-#include "cuda_emulation.h"
-#else
-#include <cub/block/block_reduce.cuh>
-#include <cub/block/block_scan.cuh>
-#endif
-
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
 #include <c10/util/BFloat16.h>
 #include <c10/util/Half.h>
 
 #include "dispatch_floats.h"
+
+// After ATen, as in cosine_similarity_kernels.cuh.
+#ifdef COSSIM_FAST_CUDA_EMULATION
+#include "cuda_emulation.h"
+#else
+#include <cub/block/block_reduce.cuh>
+#include <cub/block/block_scan.cuh>
+#endif
 
 namespace cossim_fast::update_kernels {
 // Internal linkage, as the kernels of a .cu file of their own (see cosine_similarity_kernels.cuh).

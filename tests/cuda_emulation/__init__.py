@@ -27,10 +27,11 @@ CSRC = os.path.join(os.path.dirname(os.path.dirname(HERE)), "csrc")
 NAME = "cossim_fast_cuda_emulation"
 FLAGS = ["-O2", "-ffp-contract=off", "-DCOSSIM_FAST_CUDA_EMULATION"]
 #: Set to 1 to build with AddressSanitizer, which reports the kernels' out-of-bounds reads and
-#: writes of global and shared memory. The process must preload the ASan runtime (LD_PRELOAD);
+#: writes of global and shared memory, and UBSan's alignment check (a misaligned 16-byte vector
+#: access faults on a GPU). The process must preload the ASan runtime (LD_PRELOAD);
 #: test_cuda_emulation.py runs the kernel tests that way in a subprocess.
 ASAN_ENV = "COSSIM_FAST_EMULATION_ASAN"
-ASAN_FLAGS = ["-fsanitize=address", "-fno-omit-frame-pointer"]
+ASAN_FLAGS = ["-fsanitize=address,alignment", "-fno-sanitize-recover=alignment", "-fno-omit-frame-pointer"]
 
 _built: ModuleType | None = None
 

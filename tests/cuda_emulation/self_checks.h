@@ -39,8 +39,8 @@ __global__ void wmma_kernel(const __half* a, const __half* bt, float* c) {
   wmma::store_matrix_sync(c, acc, 16, wmma::mem_row_major);
 }
 
-// Misuse, one kind per `which`.
-__global__ void misuse_kernel(int which, const __half* data) {
+// Misuse, one kind per `which` (64 threads).
+__global__ void misuse_kernel(int which, const __half* data, const float* floats) {
   const int t = threadIdx.x;
   if (which == 0) {  // __syncthreads in divergent code
     if (t < 32) {
@@ -65,7 +65,38 @@ __global__ void misuse_kernel(int which, const __half* data) {
   } else if (which == 6) {  // half a warp waits at a shuffle, everyone else at a barrier
     if (t < 16) __shfl_xor_sync(0xffffffffu, t, 1);
     __syncthreads();
+  } else if (which == 7) {  // two cub collectives on one TempStorage with no barrier between
+    using Reduce = cub::BlockReduce<int64_t, 64>;
+    __shared__ typename Reduce::TempStorage storage;
+    Reduce(storage).Sum(t);
+    Reduce(storage).Sum(t);
+  } else if (which == 8) {  // a cub collective for another block size
+    using Reduce = cub::BlockReduce<int64_t, 128>;
+    __shared__ typename Reduce::TempStorage storage;
+    Reduce(storage).Sum(t);
+  } else if (which == 9) {  // tf32 operands not converted with __float_to_tf32
+    using namespace nvcuda;
+    wmma::fragment<wmma::matrix_a, 16, 16, 8, wmma::precision::tf32, wmma::row_major> fa;
+    wmma::fragment<wmma::matrix_b, 16, 16, 8, wmma::precision::tf32, wmma::col_major> fb;
+    wmma::fragment<wmma::accumulator, 16, 16, 8, float> acc;
+    wmma::fill_fragment(acc, 0.0f);
+    wmma::load_matrix_sync(fa, floats, 8);
+    wmma::load_matrix_sync(fb, floats, 8);
+    wmma::mma_sync(acc, fa, fb, acc);
   }
+}
+
+// What a thread reads of shared memory no thread of its block wrote: garbage on a GPU, the
+// poison pattern here.
+__global__ void unwritten_shared_kernel(float* out) {
+  __shared__ float never_written[4];
+  if (threadIdx.x == 0) *out = never_written[2];
+}
+
+// A 16-byte vector load from an address that is not 16-byte aligned: a fault on a GPU; only
+// UBSan sees it here (the tests' sanitizer build).
+__global__ void misaligned_vector_kernel(const float* values, float* out) {
+  if (threadIdx.x == 0) *out = reinterpret_cast<const float4*>(values + 1)->x;
 }
 
 // Reads values[n], one past the end: only AddressSanitizer sees it (the tests' ASan build).
@@ -94,6 +125,25 @@ __global__ void racy_kernel(int64_t* out) {
   const int64_t neighbour = slot[(t + 1) % 64];
   __syncthreads();
   out[t] = neighbour;
+}
+
+// out[t] for the second warp = a flag the first warp sets after two shuffles, with no barrier
+// between: 0 unless the first warp runs ahead of the second (random schedules).
+__global__ void overtaking_race_kernel(int64_t* out) {
+  __shared__ int64_t flag;
+  const int t = threadIdx.x;
+  if (t == 0) flag = 0;
+  __syncthreads();
+  int64_t seen = -1;
+  if (t < 32) {
+    int v = __shfl_xor_sync(0xffffffffu, t, 1);
+    v = __shfl_xor_sync(0xffffffffu, v, 2);
+    if (t == 0) flag = 1 + v * 0;
+  } else {
+    seen = flag;
+  }
+  __syncthreads();
+  out[t] = seen;
 }
 
 inline at::Tensor warp_sum(const at::Tensor& values) {
@@ -141,9 +191,36 @@ inline at::Tensor racy() {
   return out;
 }
 
+inline at::Tensor overtaking_race() {
+  at::Tensor out = at::empty({64}, at::kLong);
+  int64_t* o = out.data_ptr<int64_t>();
+  cuda_emulation::launch(dim3(1), 64, [&] { overtaking_race_kernel(o); });
+  return out;
+}
+
 inline void misuse(int which) {
   alignas(32) static __half data[16 * 17];
-  cuda_emulation::launch(dim3(1), 64, [&] { misuse_kernel(which, data); });
+  alignas(32) static float floats[16 * 8];
+  for (int i = 0; i < 16 * 8; ++i) floats[i] = 1.0f + static_cast<float>(i) / 1000.0f;  // not tf32 values
+  cuda_emulation::launch(dim3(1), 64, [&] { misuse_kernel(which, data, floats); });
+}
+
+inline float read_unwritten_shared() {
+  float out = 0.0f;
+  cuda_emulation::launch(dim3(1), 32, [&] { unwritten_shared_kernel(&out); });
+  return out;
+}
+
+inline float read_misaligned_vector() {
+  alignas(16) static float values[8] = {1, 2, 3, 4, 5, 6, 7, 8};
+  float out = 0.0f;
+  cuda_emulation::launch(dim3(1), 32, [&] { misaligned_vector_kernel(values, &out); });
+  return out;
+}
+
+// A launch of `threads` threads per block (CUDA allows at most 1024).
+inline void launch_threads(int threads) {
+  cuda_emulation::launch(dim3(1), threads, [] {});
 }
 
 }  // namespace
