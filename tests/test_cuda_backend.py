@@ -642,7 +642,7 @@ def test_two_runs_are_bitwise_identical(dtype, fp32, precision, cuda_target):
 
 @pytest.mark.parametrize("dtype, fp32", CONFIGS, ids=CONFIG_IDS)
 @pytest.mark.parametrize("shape", ["small", "c_chunk_plus_one"])
-def test_same_bits_in_any_thread_order(shape, dtype, fp32, precision):
+def test_emulated_same_bits_in_any_thread_order(shape, dtype, fp32, precision):
     """Emulation only (a GPU picks its own order): the threads of a block between barriers, and
     the blocks of a launch, in index order, reversed and shuffled give the same bits; a race
     would make them depend on the order."""

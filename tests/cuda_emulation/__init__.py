@@ -6,6 +6,10 @@ csrc/cuda/*_kernels.cuh, with the CUDA headers replaced by the emulation -- with
 the host C++ compiler (once per torch version; later runs reuse the build) and returns a
 CudaBackend whose ops are the emulated kernels, on CPU tensors. Passing tests here say the
 kernels' logic is right; they say nothing about speed, and do not replace a run on a GPU.
+
+The build lives under torch's extension root (``TORCH_EXTENSIONS_DIR``, by default
+~/.cache/torch_extensions). A build that was killed can leave a ``lock`` file there that makes
+the next one wait forever: delete it.
 """
 
 from __future__ import annotations
@@ -61,7 +65,7 @@ def module() -> ModuleType:
 
 
 class EmulatedCudaBackend(CudaBackend):
-    """The CUDA backend with its forward/backward ops replaced by the emulated kernels."""
+    """The CUDA backend with its ops (forward, backward, update) replaced by the emulated kernels."""
 
     def __init__(self) -> None:
         self.ops = module()
