@@ -221,10 +221,9 @@ inline void fiber_main() {
   switch_to_scheduler(true);
 }
 
-// Releases a warp whose 32 lanes all wait at one warp operation, and the block barrier when
-// every thread waits at one. Returns whether anything was released. `stuck`: no thread can run
-// until something is released, so a warp or barrier that cannot complete is an error.
-inline bool release(Block& block, bool stuck) {
+// Releases every warp whose 32 lanes all wait at one warp operation; returns whether it released
+// any. `stuck`: no thread can run, so a warp operation that cannot complete is an error.
+inline bool release_warps(Block& block, bool stuck) {
   bool released = false;
   for (size_t w = 0; w < block.warps.size(); ++w) {
     int waiting = 0, live = 0;
@@ -254,8 +253,11 @@ inline bool release(Block& block, bool stuck) {
     ++block.warps[w].generation;
     released = true;
   }
-  if (released || !stuck) return released;
+  return released;
+}
 
+// Releases the block barrier if every thread waits at one, else records why the block is stuck.
+inline bool release_block(Block& block) {
   int live = 0, waiting = 0;
   Site site, other_site;
   bool same_site = true;
@@ -289,6 +291,13 @@ inline bool release(Block& block, bool stuck) {
   }
   block.error = message.str();
   return false;
+}
+
+// Releases what can go on: warps, and (when no thread can run) the block barrier. Returns
+// whether anything was released; false when stuck means an error, recorded in the block.
+inline bool release(Block& block, bool stuck) {
+  if (release_warps(block, stuck)) return true;
+  return stuck && block.error.empty() && release_block(block);
 }
 
 // The order in which blocks and threads run: 0 the blocks in index order, and the threads of a
