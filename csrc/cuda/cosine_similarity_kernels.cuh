@@ -107,7 +107,9 @@ constexpr int round_up(int x, int to) {
   return (x + to - 1) / to * to;
 }
 
-// Shared-memory layout of one block (static, at most 48 KiB).
+// Shared-memory regions of one block (static, at most 48 KiB in all), one array each, so that an
+// overrun from one region into the next is an overrun of an array (AddressSanitizer in the
+// tests' emulation reports it).
 //   A: feature rows of the chunk. kTensor16/kTf32: [m][k] (row-major, ld kLdA); kSimt: [k][m].
 //   B: bank slots of the chunk. kTensor16/kTf32: [n][k]; kSimt: [k][n]. The dsum update reuses
 //      it as [n][c] (ld kLdBD).
@@ -130,14 +132,29 @@ struct Layout {
   static constexpr int kBElemsSum = MODE == Mode::kAll ? kBlockN * kLdBD : 0;
   static constexpr int kBElems = kBElemsDot > kBElemsSum ? kBElemsDot : kBElemsSum;
   static constexpr bool kHasPD = MODE == Mode::kAll && PATH == Path::kTensor16;
-  static constexpr int kAOffset = 0;
-  static constexpr int kBOffset = round_up(kAOffset + kAElems * static_cast<int>(sizeof(ST)), 128);
-  static constexpr int kSOffset = round_up(kBOffset + kBElems * static_cast<int>(sizeof(ST)), 128);
-  static constexpr int kPOffset = round_up(kSOffset + kBlockM * kLdS * 4, 128);
-  static constexpr int kDOffset = round_up(kPOffset + (kHasPD ? kBlockM * kLdP * static_cast<int>(sizeof(ST)) : 0), 128);
-  static constexpr int kBytes = round_up(kDOffset + (kHasPD ? kBlockM * kLdD * 4 : 0), 128);
+  static constexpr int kABytes = kAElems * static_cast<int>(sizeof(ST));
+  static constexpr int kBBytes = kBElems * static_cast<int>(sizeof(ST));
+  static constexpr int kSBytes = kBlockM * kLdS * 4;
+  static constexpr int kPBytes = kBlockM * kLdP * static_cast<int>(sizeof(ST));  // kHasPD only
+  static constexpr int kDBytes = kBlockM * kLdD * 4;  // kHasPD only
+  // Each region 128-byte aligned (WMMA needs 32), the two row arrays after them.
+  static constexpr int kBytes = round_up(kABytes, 128) + round_up(kBBytes, 128) + round_up(kSBytes, 128) +
+      (kHasPD ? round_up(kPBytes, 128) + round_up(kDBytes, 128) : 0);
   static_assert(kBytes + 2 * kBlockM * 8 <= 48 * 1024, "static shared memory above 48 KiB");
 };
+
+// The P and D regions, declared only by the kernels that use them (kHasPD).
+template <typename L>
+__device__ __forceinline__ unsigned char* p_region() {
+  __shared__ __align__(128) unsigned char bytes[L::kPBytes];
+  return bytes;
+}
+
+template <typename L>
+__device__ __forceinline__ float* d_region() {
+  __shared__ __align__(128) float values[L::kDBytes / 4];
+  return values;
+}
 
 template <typename feat_t, typename bank_t>
 struct ForwardParams {
@@ -384,12 +401,13 @@ __global__ void __launch_bounds__(kThreads, 2) class_forward_kernel(const Forwar
   using L = Layout<MODE, PATH, ST>;
   static_assert(PATH != Path::kTensor16 || std::is_same_v<feat_t, bank_t>, "the 16-bit path needs one dtype");
 
-  __shared__ __align__(128) unsigned char smem[L::kBytes];
+  __shared__ __align__(128) unsigned char a_bytes[L::kABytes];
+  __shared__ __align__(128) unsigned char b_bytes[L::kBBytes];
+  __shared__ __align__(128) float s_s[L::kSBytes / 4];
   __shared__ int64_t row_id[kBlockM];  // row of each of the 64 rows of the group, -1: none
   __shared__ int64_t row_off[kBlockM];  // its offset in features, -1: none
-  ST* a_s = reinterpret_cast<ST*>(smem + L::kAOffset);
-  ST* b_s = reinterpret_cast<ST*>(smem + L::kBOffset);
-  float* s_s = reinterpret_cast<float*>(smem + L::kSOffset);
+  ST* a_s = reinterpret_cast<ST*>(a_bytes);
+  ST* b_s = reinterpret_cast<ST*>(b_bytes);
 
   const int tid = threadIdx.x;
   const int64_t* tile = p.tiles + 3 * static_cast<int64_t>(blockIdx.x);
@@ -498,7 +516,7 @@ __global__ void __launch_bounds__(kThreads, 2) class_forward_kernel(const Forwar
             any = true;
           }
           if constexpr (L::kHasPD) {
-            reinterpret_cast<ST*>(smem + L::kPOffset)[m * L::kLdP + j] = static_cast<ST>(take ? 1.0f : 0.0f);
+            reinterpret_cast<ST*>(p_region<L>())[m * L::kLdP + j] = static_cast<ST>(take ? 1.0f : 0.0f);
           } else {
             s_s[m * L::kLdS + j] = take ? 1.0f : 0.0f;  // in place: each thread owns its entries
           }
@@ -508,7 +526,7 @@ __global__ void __launch_bounds__(kThreads, 2) class_forward_kernel(const Forwar
           for (int64_t c0 = 0; c0 < p.dim; c0 += kBlockK) {
             load_tile<bank_t, ST, kBlockN, false, L::kLdBD>(b_s, bank_cls, slot_rows, c0, p.dim, 1, p.vec_bank);
             if constexpr (L::kHasPD) {
-              float* d_s = reinterpret_cast<float*>(smem + L::kDOffset);
+              float* d_s = d_region<L>();
               for (int i = tid; i < kBlockM * kBlockK; i += kThreads) {
                 const int r = i / kBlockK;
                 const int c = i % kBlockK;
@@ -525,7 +543,7 @@ __global__ void __launch_bounds__(kThreads, 2) class_forward_kernel(const Forwar
                 const int warp = tid / 32;
                 const int wm = warp / 2;  // 4 x 2 warps over the 64 x 32 chunk
                 const int wn = warp % 2;
-                const WT* p_w = reinterpret_cast<const WT*>(smem + L::kPOffset);
+                const WT* p_w = reinterpret_cast<const WT*>(p_region<L>());
                 const WT* b_w = reinterpret_cast<const WT*>(b_s);
                 wmma::fragment<wmma::accumulator, 16, 16, 16, float> acc;
                 wmma::load_matrix_sync(acc, d_s + (16 * wm) * L::kLdD + 16 * wn, L::kLdD, wmma::mem_row_major);

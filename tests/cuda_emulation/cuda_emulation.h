@@ -29,10 +29,13 @@
 #define __host__
 #define __forceinline__ inline
 #define __launch_bounds__(...)
-#define __align__(n) __attribute__((aligned(n)))
 #if defined(__SANITIZE_ADDRESS__)
+// GCC's AddressSanitizer leaves globals aligned to more than 64 bytes unprotected: at most 32
+// here (what WMMA needs), so that the kernels' 128-byte aligned shared arrays are protected.
+#define __align__(n) __attribute__((aligned((n) < 32 ? (n) : 32)))
 #define __shared__ static
 #else
+#define __align__(n) __attribute__((aligned(n)))
 // One section for every __shared__ variable, so the scheduler can poison them all at once.
 #define __shared__ static __attribute__((section("cuda_emulation_shared")))
 #define COSSIM_FAST_POISON_SHARED_MEMORY
