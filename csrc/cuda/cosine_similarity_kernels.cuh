@@ -264,33 +264,31 @@ __device__ __forceinline__ void load_tile(
 template <Path PATH, typename ST>
 struct TileGemm;
 
-// The WMMA paths share the warp grid: warp w owns rows 16*(w/2).. and slots 32*(w%2).. of the
-// tile, as two 16 x 16 accumulator fragments.
-template <typename Fragment>
-__device__ __forceinline__ void zero_warp_tiles(Fragment (&acc)[2]) {
-#pragma unroll
-  for (int j = 0; j < 2; ++j) nvcuda::wmma::fill_fragment(acc[j], 0.0f);
-}
+// The WMMA paths: 8 warps in a 4 x 2 grid, warp w owning rows 16*(w/2).. and slots 32*(w%2)..
+// of the tile as two 16 x 16 accumulator fragments. Operand is the WMMA element type (__half,
+// __nv_bfloat16, or precision::tf32 read from fp32 shared memory), K the WMMA depth (16, or 8
+// for tf32).
+template <typename Operand, int K>
+struct WmmaTileGemm {
+  static constexpr bool kTf32 = std::is_same_v<Operand, nvcuda::wmma::precision::tf32>;
+  using Stored = std::conditional_t<kTf32, float, Operand>;  // the element type in shared memory
+  nvcuda::wmma::fragment<nvcuda::wmma::accumulator, 16, 16, K, float> acc[2];
 
-template <int LDS, typename Fragment>
-__device__ __forceinline__ void store_warp_tiles(Fragment (&acc)[2], float* s_s) {
-  const int warp = threadIdx.x / 32;
-  const int wm = warp / 2;
-  const int wn = warp % 2;
+  __device__ __forceinline__ void zero() {
 #pragma unroll
-  for (int j = 0; j < 2; ++j) {
-    nvcuda::wmma::store_matrix_sync(s_s + (16 * wm) * LDS + 32 * wn + 16 * j, acc[j], LDS, nvcuda::wmma::mem_row_major);
+    for (int j = 0; j < 2; ++j) nvcuda::wmma::fill_fragment(acc[j], 0.0f);
   }
-}
 
-// bf16/fp16: 8 warps in a 4 x 2 grid, each 16 rows x 32 slots = 2 WMMA 16x16x16 accumulators.
-template <typename ST>
-struct TileGemm<Path::kTensor16, ST> {
-  using WT = typename WmmaType<ST>::type;
-  nvcuda::wmma::fragment<nvcuda::wmma::accumulator, 16, 16, 16, float> acc[2];
+  // Rounds a tf32 operand's fp32 values to tf32, as WMMA requires.
+  template <typename Fragment>
+  __device__ __forceinline__ static void to_tf32(Fragment& f) {
+    if constexpr (kTf32) {
+#pragma unroll
+      for (int t = 0; t < f.num_elements; ++t) f.x[t] = nvcuda::wmma::__float_to_tf32(f.x[t]);
+    }
+  }
 
-  __device__ __forceinline__ void zero() { zero_warp_tiles(acc); }
-  template <int LDA, int LDB>
+  template <int LDA, int LDB, typename ST>
   __device__ __forceinline__ void chunk(const ST* a_s, const ST* b_s) {
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ < 800
     __trap();
@@ -299,61 +297,45 @@ struct TileGemm<Path::kTensor16, ST> {
     const int warp = threadIdx.x / 32;
     const int wm = warp / 2;
     const int wn = warp % 2;
-    const WT* a = reinterpret_cast<const WT*>(a_s);
-    const WT* b = reinterpret_cast<const WT*>(b_s);
+    const Stored* a = reinterpret_cast<const Stored*>(a_s);
+    const Stored* b = reinterpret_cast<const Stored*>(b_s);
 #pragma unroll
-    for (int kk = 0; kk < kBlockK; kk += 16) {
-      wmma::fragment<wmma::matrix_a, 16, 16, 16, WT, wmma::row_major> fa;
+    for (int kk = 0; kk < kBlockK; kk += K) {
+      wmma::fragment<wmma::matrix_a, 16, 16, K, Operand, wmma::row_major> fa;
       wmma::load_matrix_sync(fa, a + (16 * wm) * LDA + kk, LDA);
+      to_tf32(fa);
 #pragma unroll
       for (int j = 0; j < 2; ++j) {
         // B^T as a col-major K x N operand: element (k, n) at b[n * LDB + k].
-        wmma::fragment<wmma::matrix_b, 16, 16, 16, WT, wmma::col_major> fb;
+        wmma::fragment<wmma::matrix_b, 16, 16, K, Operand, wmma::col_major> fb;
         wmma::load_matrix_sync(fb, b + (32 * wn + 16 * j) * LDB + kk, LDB);
+        to_tf32(fb);
         wmma::mma_sync(acc[j], fa, fb, acc[j]);
       }
     }
 #endif
   }
+
   template <int LDS>
-  __device__ __forceinline__ void store(float* s_s) { store_warp_tiles<LDS>(acc, s_s); }
-};
-
-// fp32 as tf32: same warp grid, WMMA 16x16x8 tf32 tiles.
-template <typename ST>
-struct TileGemm<Path::kTf32, ST> {
-  nvcuda::wmma::fragment<nvcuda::wmma::accumulator, 16, 16, 8, float> acc[2];
-
-  __device__ __forceinline__ void zero() { zero_warp_tiles(acc); }
-  template <int LDA, int LDB>
-  __device__ __forceinline__ void chunk(const float* a_s, const float* b_s) {
-#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ < 800
-    __trap();
-#else
-    using namespace nvcuda;
+  __device__ __forceinline__ void store(float* s_s) {
     const int warp = threadIdx.x / 32;
     const int wm = warp / 2;
     const int wn = warp % 2;
 #pragma unroll
-    for (int kk = 0; kk < kBlockK; kk += 8) {
-      wmma::fragment<wmma::matrix_a, 16, 16, 8, wmma::precision::tf32, wmma::row_major> fa;
-      wmma::load_matrix_sync(fa, a_s + (16 * wm) * LDA + kk, LDA);
-#pragma unroll
-      for (int t = 0; t < fa.num_elements; ++t) fa.x[t] = wmma::__float_to_tf32(fa.x[t]);
-#pragma unroll
-      for (int j = 0; j < 2; ++j) {
-        wmma::fragment<wmma::matrix_b, 16, 16, 8, wmma::precision::tf32, wmma::col_major> fb;
-        wmma::load_matrix_sync(fb, b_s + (32 * wn + 16 * j) * LDB + kk, LDB);
-#pragma unroll
-        for (int t = 0; t < fb.num_elements; ++t) fb.x[t] = wmma::__float_to_tf32(fb.x[t]);
-        wmma::mma_sync(acc[j], fa, fb, acc[j]);
-      }
+    for (int j = 0; j < 2; ++j) {
+      nvcuda::wmma::store_matrix_sync(
+          s_s + (16 * wm) * LDS + 32 * wn + 16 * j, acc[j], LDS, nvcuda::wmma::mem_row_major);
     }
-#endif
   }
-  template <int LDS>
-  __device__ __forceinline__ void store(float* s_s) { store_warp_tiles<LDS>(acc, s_s); }
 };
+
+// bf16/fp16: WMMA 16x16x16 tiles.
+template <typename ST>
+struct TileGemm<Path::kTensor16, ST> : WmmaTileGemm<typename WmmaType<ST>::type, 16> {};
+
+// fp32 as tf32: WMMA 16x16x8 tf32 tiles.
+template <typename ST>
+struct TileGemm<Path::kTf32, ST> : WmmaTileGemm<nvcuda::wmma::precision::tf32, 8> {};
 
 // Exact fp32 on the CUDA cores: a 16 x 16 thread grid, each thread rows 4*ty.. and slots
 // 4*tx.., operands read as float4 from the k-major tiles.
