@@ -69,11 +69,14 @@ def test_available_backends_lists_what_runs_here():
 @pytest.mark.parametrize("op", ["max_forward", "update"])
 def test_a_backend_must_take_every_dtype_of_the_call(op):
     # fp32 with a float64 partner: a backend without float64 kernels must not be chosen.
-    if isinstance(dispatch.load_backend("triton"), str):
-        pytest.skip("triton is not importable here")
-    assert dispatch.select(op, "triton", torch.device("cpu"), torch.float32).name == "triton"
+    # Triton runs on CUDA tensors, or on CPU tensors through its interpreter.
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    backend = dispatch.load_backend("triton")
+    if isinstance(backend, str) or backend.unsupported_reasons(op, device, torch.float32):
+        pytest.skip(f"triton does not run on {device} here")
+    assert dispatch.select(op, "triton", device, torch.float32).name == "triton"
     with pytest.warns(RuntimeWarning, match=r"float32/torch.float64:\n  triton: dtype float64 is not supported"):
-        assert dispatch.select(op, "triton", torch.device("cpu"), torch.float32, torch.float64).name == "torch"
+        assert dispatch.select(op, "triton", device, torch.float32, torch.float64).name == "torch"
 
 
 def test_float64_bank_with_float32_features_falls_back_and_matches_the_reference():
@@ -126,6 +129,13 @@ def test_auto_puts_the_measured_faster_backend_first(fake_gpu):
     assert dispatch.select("max_forward", "triton", cuda, torch.bfloat16, dim=256, rows=16384).name == "triton"  # explicit wins
 
 
+def test_auto_takes_the_torch_backend_where_it_measured_fastest(fake_gpu, monkeypatch):
+    # cuBLAS's fp32 GEMMs beat both fused backends' exact fp32 dots at large C on an H200.
+    monkeypatch.setattr(auto_rule, "measurements", lambda path=None: (_entry("max_forward", 2048, 131072, "torch", dtype="float32"),))
+    cuda = torch.device("cuda")
+    assert dispatch.select("max_forward", "auto", cuda, torch.float32, dim=2048, rows=131072).name == "torch"
+
+
 def test_unmeasured_cuda_kernels_are_not_chosen_by_auto(fake_gpu):
     cuda = torch.device("cuda")
     # No measurement of all_forward (or of fp16) on this architecture: the default order, minus
@@ -164,7 +174,7 @@ def test_the_shipped_rule_file_is_readable():
     entries = auto_rule.measurements()
     assert isinstance(entries, tuple)
     for entry in entries:
-        assert entry["faster"] in auto_rule.FUSED and entry["arch"].count(".") == 1
+        assert entry["faster"] in auto_rule.CONTENDERS and entry["arch"].count(".") == 1
 
 
 def test_a_skipped_measured_winner_does_not_hand_over_to_the_slower_fused_backend(fake_gpu, monkeypatch):
