@@ -10,13 +10,15 @@ K = 19, M = 4096, C in {256, 2048}, bf16 and fp32, as ``bench/gpu_check.sh`` run
   (``max-fwd``) minus its outputs, which are the per-row value (fp32) and slot (int64) that the
   loss keeps for its backward, 12 bytes per row.
 
-Then, per (operation, dtype, C), the faster of "triton" and "cuda": the measured rule for "auto".
+Then, per (operation, dtype, C) where both fused backends ran, the fastest of "triton", "cuda"
+and (where it ran too) "torch", whose cuBLAS GEMMs beat both at some fp32 shapes: the measured
+rule for "auto".
 
     python -m bench.targets RESULTS.json [...] [--json out.json] [--write-rule PATH]
 
 ``--write-rule PATH`` adds that rule for the results' GPU architecture (one per call) to a rule
 file, the package's being ``cossim_fast/backends/auto_rule.json``, replacing its earlier
-measurements of the same architecture, operation and dtype: "auto" then puts the faster fused
+measurements of the same architecture, operation and dtype: "auto" then puts the fastest
 backend first on that GPU (and uses the CUDA forward kernels there at all).
 """
 
@@ -32,6 +34,7 @@ from bench import report
 from cossim_fast.backends import auto_rule as rule_file
 
 FUSED = ("triton", "cuda")
+CONTENDERS = (*FUSED, "torch")  # what the rule chooses among
 SPEEDUP_TARGET = {256: 3.0, 2048: 1.5}  # forward+backward vs the per-class baseline
 GEMM_SHARE_TARGET = 0.6
 EXTRA_BYTES_PER_ROW_TARGET = 64
@@ -119,14 +122,15 @@ def missing_cases(documents: list[dict]) -> dict[str, str]:
 
 
 def auto_rule(rows: list[dict]) -> list[dict]:
-    """Per (op, dtype, C, N, M) where both ran: the faster fused backend and by how much."""
+    """Per (op, dtype, C, N, M) where both fused backends ran: the fastest contender, and the
+    time of each (``torch_ms`` is None where the torch backend was not measured)."""
     rule = []
     for (op, rows_n, slots, dim, dtype), impls in sorted(_index(rows).items()):
         if all(name in impls for name in FUSED):
-            triton_ms, cuda_ms = impls["triton"]["median_ms"], impls["cuda"]["median_ms"]
-            faster = "cuda" if cuda_ms < triton_ms else "triton"
+            times = {name: impls[name]["median_ms"] for name in CONTENDERS if name in impls}
+            faster = min(times, key=times.get)
             rule.append({"op": op, "dtype": dtype, "C": dim, "N": rows_n, "M": slots, "faster": faster,
-                         "triton_ms": triton_ms, "cuda_ms": cuda_ms})
+                         **{f"{name}_ms": times.get(name) for name in CONTENDERS}})
     return rule
 
 
@@ -142,11 +146,12 @@ def markdown(checks: list[dict], rule: list[dict]) -> str:
             f"{check['dtype']} | {measured} | {check['goal']} | {met} |"
         )
     if rule:
-        lines += ["", "| op | dtype | C | N | M | triton ms | cuda ms | faster |", "|---|---|---|---|---|---|---|---|"]
+        lines += ["", "| op | dtype | C | N | M | triton ms | cuda ms | torch ms | fastest |", "|---|---|---|---|---|---|---|---|---|"]
         for item in rule:
+            torch_ms = "-" if item.get("torch_ms") is None else f"{item['torch_ms']:.3f}"
             lines.append(
                 f"| {item['op']} | {item['dtype']} | {item['C']} | {item['N']} | {item['M']} | "
-                f"{item['triton_ms']:.3f} | {item['cuda_ms']:.3f} | {item['faster']} |"
+                f"{item['triton_ms']:.3f} | {item['cuda_ms']:.3f} | {torch_ms} | {item['faster']} |"
             )
     return "\n".join(lines)
 

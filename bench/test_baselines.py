@@ -165,6 +165,10 @@ def test_targets_and_auto_rule():
     assert memory["value"] == 3.0 * 2**20 / 131072 - 12 and memory["met"]  # 12 B/row
     rule = {(r["op"], r["C"]): r["faster"] for r in targets.auto_rule(rows)}
     assert rule == {("max-fwd_bwd", 256): "triton", ("max-fwd", 256): "cuda"}
+    # The torch backend contends where it was measured too, never alone.
+    with_torch = rows + [row("max-fwd", "torch", 1.1), row("max-fwd", "torch", 0.5, dim=2048), row("max-fwd_bwd", "torch", 7.0)]
+    rule = {(r["op"], r["C"]): (r["faster"], r["torch_ms"]) for r in targets.auto_rule(with_torch)}
+    assert rule == {("max-fwd_bwd", 256): ("triton", 7.0), ("max-fwd", 256): ("torch", 1.1)}
     assert "| triton | fwd+bwd vs per-class |" in targets.markdown(targets.evaluate(rows), targets.auto_rule(rows))
     # What could not be checked says so, with the reason the run recorded.
     missing = {"max-fwd_bwd-cuda-N131072-M4096-C2048-bf16": "not run (time budget spent)"}

@@ -1,8 +1,9 @@
-"""Which fused backend "auto" prefers on a CUDA GPU: the measured rule, written down.
+"""Which backend "auto" prefers on a CUDA GPU: the measured rule, written down.
 
 ``auto_rule.json`` (beside this module) holds measurements: for a GPU architecture (compute
-capability), an operation, a dtype and a measured shape (C, N), which of "triton" and "cuda"
-was faster there, as ``python -m bench.targets RESULTS.json --write-rule PATH`` found it on that
+capability), an operation, a dtype and a measured shape (C, N), which of "triton", "cuda" and
+"torch" (cuBLAS GEMMs in chunks, faster than both fused backends at some fp32 shapes) was
+fastest there, as ``python -m bench.targets RESULTS.json --write-rule PATH`` found it on that
 GPU (each entry also names the GPU, the results it came from and both times). A call takes the
 measurement of its architecture, operation and dtype nearest its shape: C first, then N, both
 on a log scale. Where nothing was measured "auto" keeps its default order (``dispatch``), in
@@ -20,6 +21,7 @@ import torch
 
 RULE_FILE = Path(__file__).with_name("auto_rule.json")
 FUSED = ("triton", "cuda")
+CONTENDERS = (*FUSED, "torch")
 
 #: Benchmark operation (``bench.harness``) -> the dispatcher's operations its time stands for
 #: (the "all" backward is elementwise and only timed together with its forward).
@@ -56,7 +58,7 @@ def _matching(op: str, arch: str | None, dtype: torch.dtype, entries: tuple[dict
 def preferred(
     op: str, arch: str | None, dtype: torch.dtype, dim: int | None, rows: int | None, entries: tuple[dict, ...] | None = None
 ) -> str | None:
-    """The fused backend measured faster for ``op`` on architecture ``arch`` ("9.0") at the
+    """The backend measured fastest for ``op`` on architecture ``arch`` ("9.0") at the
     nearest measured shape, or None where nothing was measured."""
     candidates = _matching(op, arch, dtype, entries)
     if not candidates:
@@ -83,7 +85,7 @@ def entries_from_targets(rule: list[dict], arch: str, gpu: str, source: str) -> 
     return [
         {"arch": arch, "gpu": gpu, "source": source, "op": op, "bench_op": item["op"],
          "dtype": dtype_names.get(item["dtype"], item["dtype"]), "C": item["C"], "N": item["N"],
-         "faster": item["faster"], "triton_ms": item["triton_ms"], "cuda_ms": item["cuda_ms"]}
+         "faster": item["faster"], **{f"{name}_ms": item.get(f"{name}_ms") for name in CONTENDERS}}
         for item in rule
         for op in BENCH_OPS.get(item["op"], ())
     ]
@@ -98,7 +100,7 @@ def write(entries: list[dict], path: Path = RULE_FILE) -> None:
     kept = [entry for entry in measurements(path) if (entry["arch"], entry["op"], entry["dtype"]) not in replaced]
     measurements.cache_clear()
     document = {
-        "about": "Measured faster fused backend per GPU architecture, operation, dtype and shape; "
+        "about": "Measured fastest backend per GPU architecture, operation, dtype and shape; "
                  "written by python -m bench.targets --write-rule (see cossim_fast/backends/auto_rule.py).",
         "measurements": kept + entries,
     }

@@ -20,7 +20,7 @@ BACKEND_NAMES = ("reference", "torch", "triton", "cuda")
 CHOICES = ("auto", *BACKEND_NAMES)
 
 #: Preference order of "auto" per device type, before the measured rule (``auto_rule``) puts the
-#: faster fused backend first; "reference" is never chosen automatically.
+#: fastest backend first; "reference" is never chosen automatically.
 AUTO_ORDER = {"cuda": ("cuda", "triton", "torch")}
 DEFAULT_ORDER = ("torch",)
 
@@ -94,7 +94,7 @@ def select(
     faster = None
     if requested == "auto" and device.type == "cuda":
         faster = auto_rule.preferred(op, auto_rule.capability(device), dtype, dim, rows)
-        if faster:  # the fused backend measured faster on this GPU goes first
+        if faster:  # the backend measured fastest on this GPU goes first
             auto_order = (faster, *(name for name in auto_order if name != faster))
     candidates = auto_order if requested == "auto" else (requested, *auto_order)
     reasons: dict[str, list[str]] = {}
