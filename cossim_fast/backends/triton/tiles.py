@@ -85,6 +85,9 @@ def _max_tiles(padded: int, sixteen_bit: bool) -> tuple[TileConfig, ...]:
             return _resident(padded, ((128, 64, 8, 2), (64, 64, 4, 2), (64, 128, 8, 2)))
         if padded <= 256:
             return _resident(padded, ((64, 64, 4, 2), (64, 64, 8, 2), (128, 64, 8, 2), (64, 128, 8, 2)))
+        # 4 stages timed 1.14x faster on an H200 at N = 131072 (bench/results/2026-11-27-h200/
+        # autotune.json) but take 128 KiB of shared memory, more than sm_86/sm_89 GPUs have
+        # (99 KiB): the default stays at 3 stages (96 KiB), autotuning finds 4 where they fit.
         return _streamed(64, ((128, 128, 8, 3), (128, 64, 8, 3), (64, 64, 4, 3), (128, 128, 8, 4)))
     if padded <= 64:
         return _resident(padded, ((32, 32, 4, 2), (64, 32, 8, 2)))
@@ -95,7 +98,10 @@ def _all_tiles(padded: int, sixteen_bit: bool) -> tuple[TileConfig, ...]:
     if sixteen_bit:
         if padded <= 128:
             return _resident(padded, ((64, 64, 8, 2), (64, 32, 4, 2)))
-        return _streamed(64, ((64, 128, 8, 2), (128, 64, 8, 2), (64, 64, 4, 2), (128, 128, 8, 3)))
+        # Default: the autotuner's pick at every shape timed on an H200, 1.08x to 1.64x faster
+        # than 64x128 with 2 stages (bench/results/2026-11-27-h200/autotune.json); 96 KiB of
+        # shared memory, within what sm_86/sm_89 GPUs have.
+        return _streamed(64, ((128, 128, 8, 3), (64, 128, 8, 2), (128, 64, 8, 2), (64, 64, 4, 2)))
     if padded <= 64:
         return _resident(padded, ((32, 32, 4, 2),))
     return _streamed(32, ((64, 32, 4, 2), (32, 32, 4, 2)))  # larger tiles spill at tf32x3
