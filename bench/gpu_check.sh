@@ -44,6 +44,10 @@ SUMMARY="$OUT/summary.txt"
 # GPU_CHECK_STEPS=build,triton_tests,... runs only the steps named (a rerun of what failed or
 # changed); the default runs them all.
 STEPS=${GPU_CHECK_STEPS:-}
+RAN=" "  # the steps run by this invocation: the summary reads only their logs
+
+# ran NAME: whether this invocation ran step NAME (OUTDIR may hold an earlier run's logs).
+ran() { [[ "$RAN" == *" $1 "* ]]; }
 
 # step NAME LIMIT_S COMMAND...: run with a time limit (never past the total), log, record rc.
 step() {
@@ -61,6 +65,7 @@ step() {
         return
     fi
     [ "$limit" -gt "$left" ] && limit=$left
+    RAN="$RAN$name "
     echo "== $name (limit ${limit}s): $*"
     local t0 rc status
     t0=$(date +%s)
@@ -140,27 +145,27 @@ cat "$OUT/summary.head" "$SUMMARY" > "$OUT/summary.tmp" && mv "$OUT/summary.tmp"
 rm -f "$OUT/summary.head"
 {
     for tests in triton_tests cuda_tests; do
-        if [ -f "$OUT/$tests.log" ]; then
+        if ran "$tests"; then
             echo "$tests: $(grep -E '(passed|failed|error)' "$OUT/$tests.log" | tail -n 1)"
         fi
     done
-    if [ -f "$OUT/sanitizer.log" ]; then
+    if ran sanitizer; then
         echo
         echo "compute-sanitizer: $(grep -E 'ERROR SUMMARY|passed|failed|not supported' "$OUT/sanitizer.log" | tail -n 2 | tr '\n' ' ')"
     fi
-    if [ -f "$OUT/targets.log" ]; then
+    if ran targets; then
         echo
         cat "$OUT/targets.log"
     fi
-    if [ -f "$OUT/autotune.log" ]; then
+    if ran autotune; then
         echo
         cat "$OUT/autotune.log"
     fi
-    if [ -f "$OUT/frontier.log" ]; then
+    if ran frontier; then
         echo
         sed -n '/^ *M impl/,$p' "$OUT/frontier.log"
     fi
-    if [ -f "$OUT/report.log" ]; then
+    if ran report; then
         echo
         sed -n '/^op /,$p' "$OUT/report.log"
     fi
