@@ -10,7 +10,8 @@
 # out is logged and the script goes on to the next one and the summary.
 # Writes under OUTDIR: env.log, build.log, triton_tests.log and cuda_tests.log (+ .xml),
 # sanitizer.log, resources.log (+ .json), bench.log + bench.json, bench_cuda.log + bench_cuda.json,
-# targets.log (+ .json, auto_rule.json), frontier.log + frontier.json,
+# targets.log (+ .json, auto_rule.json), frontier.log + frontier.json, with GPU_CHECK_EXTRA=1
+# also autotune.log (+ .json), frontier_train.log (+ .json) and profile.log (Nsight Compute),
 # report/ (report.md, PNGs if matplotlib is there), summary.txt. The benchmark runner rewrites
 # bench.json after every case, so a cut-short run keeps its results. The device tool returns at
 # most 8 files: pack OUTDIR into one archive, with an outer timeout that leaves time to pack it
@@ -32,8 +33,9 @@ PY=${PYTHON:-$(command -v python3 || command -v python)}
 export PYTHONPATH="$ROOT${PYTHONPATH:+:$PYTHONPATH}"
 export PYTHONUNBUFFERED=1
 
-# GPU_CHECK_EXTRA=1 adds compute-sanitizer and the autotune check after every other step
-# (for a 600-second call); the other steps take the same time either way, inside 8 minutes.
+# GPU_CHECK_EXTRA=1 adds compute-sanitizer, the autotune check, the training-step frontier and
+# an Nsight Compute profile after every other step (for a 600-second call); the other steps
+# take the same time either way, inside 8 minutes.
 EXTRA=${GPU_CHECK_EXTRA:-0}
 if [ "$EXTRA" = 1 ]; then DEFAULT_TOTAL=560; else DEFAULT_TOTAL=470; fi
 TOTAL=${GPU_CHECK_TOTAL_S:-$DEFAULT_TOTAL}   # all steps together, seconds
@@ -134,6 +136,18 @@ if [ "$EXTRA" = 1 ]; then
         $PY -m pytest -q -p no:cacheprovider tests/test_cuda_backend.py -m gpu -k "not emulated"
     # The Triton forward's default tiles against autotuning (compiles every candidate: bf16 only).
     step autotune 45 $PY -m bench.autotune_check --dtype bf16 --json "$OUT/autotune.json"
+    # The headline frontier: a training iteration of the UDA literature's model (ResNet-101
+    # DeepLabv2, bf16 autocast) under an 8 GiB cap, at both ends of the dictionary sizes users run.
+    step frontier_train 65 $PY -m bench.frontier --device cuda --step train --model deeplabv2_resnet101 \
+        --budget-mib 8192 --M 1024,16384 --dtype bf16 --tol 0.1 --time-budget 55 --json "$OUT/frontier_train.json"
+    # Nsight Compute over one bf16 max forward of each fused backend (N = 131072, C = 2048): where
+    # their time goes (throughput, occupancy, warp stalls), for the next kernel work.
+    NCU=$(command -v ncu || ls /opt/nvidia/nsight-compute/*/ncu 2>/dev/null | head -n 1)
+    step profile 45 env COSSIM_BENCH_N=131072 COSSIM_BENCH_M=4096 COSSIM_BENCH_C=2048 COSSIM_BENCH_DTYPES=bf16 \
+        "${NCU:-ncu}" --target-processes all -k "regex:class_forward_kernel|_max_forward_kernel" -c 2 \
+        --section SpeedOfLight --section Occupancy --section WarpStateStats --section MemoryWorkloadAnalysis \
+        $PY -m bench.run --grid gpu --device cuda --ops max-fwd --impls triton,cuda --rounds 1 --warmup 0 \
+        --no-memory --json "$OUT/profile_bench.json"
 fi
 
 {
@@ -161,10 +175,12 @@ rm -f "$OUT/summary.head"
         echo
         cat "$OUT/autotune.log"
     fi
-    if ran frontier; then
-        echo
-        sed -n '/^ *M impl/,$p' "$OUT/frontier.log"
-    fi
+    for frontier in frontier frontier_train; do
+        if ran "$frontier"; then
+            echo
+            sed -n '/^ *M impl/,$p' "$OUT/$frontier.log"
+        fi
+    done
     if ran report; then
         echo
         sed -n '/^op /,$p' "$OUT/report.log"
