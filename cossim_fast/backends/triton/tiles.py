@@ -100,8 +100,13 @@ def _all_tiles(padded: int, sixteen_bit: bool) -> tuple[TileConfig, ...]:
             return _resident(padded, ((64, 64, 8, 2), (64, 32, 4, 2)))
         # Default: the autotuner's pick at every shape timed on an H200, 1.08x to 1.64x faster
         # than 64x128 with 2 stages (bench/results/2026-11-27-h200/autotune.json); 96 KiB of
-        # shared memory, within what sm_86/sm_89 GPUs have.
-        return _streamed(64, ((128, 128, 8, 3), (64, 128, 8, 2), (128, 64, 8, 2), (64, 64, 4, 2)))
+        # shared memory, within what sm_86/sm_89 GPUs have. The 256-slot tiles halve the
+        # read-modify-writes of dsum (N x C fp32, once per slot tile that selects anything),
+        # about half of the streamed "all" forward's time at C = 2048 by its memory traffic;
+        # not yet timed on a GPU.
+        return _streamed(64, (
+            (128, 128, 8, 3), (64, 128, 8, 2), (128, 64, 8, 2), (64, 64, 4, 2), (64, 256, 8, 3), (64, 256, 8, 2),
+        ))
     if padded <= 64:
         return _resident(padded, ((32, 32, 4, 2),))
     return _streamed(32, ((64, 32, 4, 2), (32, 32, 4, 2)))  # larger tiles spill at tf32x3
