@@ -33,8 +33,7 @@ from pathlib import Path
 from bench import report
 from cossim_fast.backends import auto_rule as rule_file
 
-FUSED = ("triton", "cuda")
-CONTENDERS = (*FUSED, "torch")  # what the rule chooses among
+FUSED, CONTENDERS = rule_file.FUSED, rule_file.CONTENDERS  # the fused backends; what the rule chooses among
 SPEEDUP_TARGET = {256: 3.0, 2048: 1.5}  # forward+backward vs the per-class baseline
 GEMM_SHARE_TARGET = 0.6
 EXTRA_BYTES_PER_ROW_TARGET = 64

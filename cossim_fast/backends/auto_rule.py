@@ -4,9 +4,9 @@
 capability), an operation, a dtype and a measured shape (C, N), which of "triton", "cuda" and
 "torch" (cuBLAS GEMMs in chunks, faster than both fused backends at some fp32 shapes) was
 fastest there, as ``python -m bench.targets RESULTS.json --write-rule PATH`` found it on that
-GPU (each entry also names the GPU, the results it came from and both times). A call takes the
-measurement of its architecture, operation and dtype nearest its shape: C first, then N, both
-on a log scale. Where nothing was measured "auto" keeps its default order (``dispatch``), in
+GPU (each entry also names the GPU, the results it came from and each contender's time). A
+call takes the measurement of its architecture, operation and dtype nearest its shape: C first,
+then N, both on a log scale. Where nothing was measured "auto" keeps its default order (``dispatch``), in
 which the CUDA forward kernels are not chosen until a measurement prefers them.
 """
 
