@@ -2,7 +2,9 @@
 
 For each shape: the median time of the forward with the default candidate of its tile space,
 then with autotuning on (the first call tunes; timed after it), the candidate chosen and the
-speed-up. A default that loses clearly to another candidate is the next default to change.
+speed-up. Then every candidate on its own, timed as the default is (10 runs, not the
+autotuner's 3), so that one run shows the whole space. A default that loses clearly to another
+candidate is the next default to change.
 
     python -m bench.autotune_check [--N 131072,16384] [--M 4096] [--C 256,2048] [--dtype bf16] [--json out.json]
 
@@ -13,6 +15,7 @@ to watch: they exist for grids too small to fill the GPU.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import sys
 
@@ -25,6 +28,19 @@ def median_ms(fn, repeats: int = 10) -> float:
     from cossim_fast.backends.triton.tiles import cuda_event_time
 
     return cuda_event_time(fn, repeats) * 1e3
+
+
+@contextlib.contextmanager
+def forced(config):
+    """Every Triton forward launches ``config`` (as bench.resources does)."""
+    from cossim_fast.backends.triton import backend
+
+    original = backend.forward_config
+    backend.forward_config = lambda *args: config
+    try:
+        yield
+    finally:
+        backend.forward_config = original
 
 
 def check(rows: int, slots: int, dim: int, dtype: str, mode: str) -> dict:
@@ -50,11 +66,25 @@ def check(rows: int, slots: int, dim: int, dtype: str, mode: str) -> dict:
         (chosen,) = tiles.autotune_choices().values()
     finally:
         tiles.set_autotune(False)
+    each_ms = {}
+    for config in candidates:
+        try:
+            with forced(config):
+                each_ms[str(config)] = median_ms(forward)
+        except tiles.UNFIT as error:  # more shared memory than this GPU has, say
+            each_ms[str(config)] = f"unfit: {type(error).__name__}"
     return {
         "mode": mode, "N": rows, "M": slots, "C": dim, "dtype": dtype, "candidates": len(candidates),
         "default": str(candidates[0]), "chosen": str(chosen), "default_ms": default_ms, "tuned_ms": tuned_ms,
-        "speedup": default_ms / tuned_ms,
+        "speedup": default_ms / tuned_ms, "candidate_ms": each_ms,
     }
+
+
+def fastest(result: dict) -> str:
+    """The candidate with the lowest time of its own, and its speed-up over the default's."""
+    timed = {name: ms for name, ms in result["candidate_ms"].items() if isinstance(ms, float)}
+    name = min(timed, key=timed.get)
+    return f"{name} ({result['default_ms'] / timed[name]:.2f}x)"
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -70,14 +100,15 @@ def main(argv: list[str] | None = None) -> int:
         parser.error("needs a CUDA GPU (autotuning times candidates with CUDA events)")
     harness.configure_for_benchmarks(False)
     results = []
-    print("| mode | N | C | dtype | default | default ms | chosen | tuned ms | speed-up |\n|---|---|---|---|---|---|---|---|---|")
+    print("| mode | N | C | dtype | default | default ms | chosen | tuned ms | speed-up | fastest alone |\n"
+          "|---|---|---|---|---|---|---|---|---|---|")
     shapes = [(int(n), int(c)) for n in args.N.split(",") for c in args.C.split(",")]
     for rows, dim in shapes:
         for mode in args.modes.split(","):
             result = check(rows, args.M, dim, args.dtype, mode)
             results.append(result)
             print(f"| {mode} | {rows} | {dim} | {args.dtype} | {result['default']} | {result['default_ms']:.3f} | "
-                  f"{result['chosen']} | {result['tuned_ms']:.3f} | {result['speedup']:.2f}x |", flush=True)
+                  f"{result['chosen']} | {result['tuned_ms']:.3f} | {result['speedup']:.2f}x | {fastest(result)} |", flush=True)
             if args.json:
                 with open(args.json, "w") as handle:
                     json.dump({"machine": harness.machine(), "results": results}, handle, indent=1)

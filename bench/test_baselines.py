@@ -203,3 +203,10 @@ def test_targets_write_rule_from_results_files(tmp_path):
     other.write_text(json.dumps({"machine_info": dict(machine, gpu_capability="8.0"), "benchmarks": []}))
     with pytest.raises(SystemExit):  # two GPU architectures in one rule
         targets.main([str(results), str(other), "--write-rule", str(rule)])
+
+
+def test_autotune_check_names_the_fastest_candidate_timed_alone():
+    from bench import autotune_check
+
+    result = {"default_ms": 2.0, "candidate_ms": {"a": 2.0, "b": 1.6, "c": "unfit: OutOfResources"}}
+    assert autotune_check.fastest(result) == "b (1.25x)"
