@@ -375,12 +375,14 @@ TOLERANCES = {
 }
 
 # name: (K, M, C, counts, N, images). N, M, C off the 64/64/32 tiles; M below a tile; C below
-# one channel chunk, one chunk plus one, several chunks; full, partial, single-slot and empty
-# buckets. images > 1: features are the strided view of a B x C x H x W map (channel stride P).
+# one channel chunk, one chunk plus one (32 channels; 64 in the bf16/fp16 "max" kernel), several
+# chunks; full, partial, single-slot and empty buckets. images > 1: features are the strided view
+# of a B x C x H x W map (channel stride P).
 SHAPES = {
     "small": (4, 150, 20, [150, 0, 67, 1], 300, 2),
     "m_below_tile": (2, 5, 7, [5, 3], 37, 1),
     "c_chunk_plus_one": (3, 70, 33, [70, 64, 65], 130, 1),
+    "c_wide_chunk_plus_one": (3, 70, 65, [70, 64, 65], 130, 2),
     "large_c": (3, 150, 300, [150, 93, 0], 160, 1),
     "vector_loads": (5, 200, 264, [200, 128, 1, 0, 129], 333, 1),  # C % 8 == 0: 16-byte loads
 }

@@ -10,7 +10,9 @@
 // block (256 threads, 8 warps) per tile: it takes the rows rows[start:end] in groups of
 // kBlockM = 64 and streams its class's valid slots (counts[k], read at run time, clamped to
 // [0, M]) in slot tiles of kBlockN = 64, each a small GEMM over C in chunks of kBlockK = 32
-// channels staged through shared memory:
+// channels staged through shared memory (64 for the bf16/fp16 "max" kernel, whose shared
+// memory has room for it: half the chunks, so half the load-and-barrier round trips that bound
+// its loop):
 //   - bf16 / fp16 (features and bank of the same dtype): WMMA 16x16x16 tensor-core tiles, fp32
 //     accumulation (every product is exact in fp32);
 //   - fp32 with fp32_precision == "tf32": WMMA tf32 16x16x8 tiles (inputs rounded to tf32);
@@ -75,7 +77,7 @@ constexpr int kThreads = 256;
 constexpr int kWarps = kThreads / 32;
 constexpr int kBlockM = 64;  // rows per row group
 constexpr int kBlockN = 64;  // slots per slot tile
-constexpr int kBlockK = 32;  // channels per chunk (also the channel chunk of the dsum update)
+constexpr int kBlockK = 32;  // channels per chunk (Layout::kChunk), and of the dsum update
 constexpr int kLanesPerRow = kThreads / kBlockM;  // epilogue: 4 threads per row
 constexpr float kEps = 1e-12f;  // as torch.nn.functional.normalize
 constexpr unsigned kFullMask = 0xffffffffu;
@@ -120,15 +122,17 @@ constexpr int round_up(int x, int to) {
 template <Mode MODE, Path PATH, typename ST>
 struct Layout {
   static constexpr bool kKMajor = PATH == Path::kSimt;
+  // Channels per chunk of the dot products: twice kBlockK where the regions still fit 48 KiB.
+  static constexpr int kChunk = MODE == Mode::kMax && PATH == Path::kTensor16 ? 2 * kBlockK : kBlockK;
   static constexpr int kPad = PATH == Path::kTensor16 ? 8 : 4;  // keeps WMMA/float4 alignment
-  static constexpr int kLdA = kKMajor ? kBlockM + 4 : kBlockK + kPad;
-  static constexpr int kLdB = kKMajor ? kBlockN + 4 : kBlockK + kPad;
+  static constexpr int kLdA = kKMajor ? kBlockM + 4 : kChunk + kPad;
+  static constexpr int kLdB = kKMajor ? kBlockN + 4 : kChunk + kPad;
   static constexpr int kLdBD = kBlockK + kPad;  // [n][c] layout of the dsum update
   static constexpr int kLdS = kBlockN + 4;
   static constexpr int kLdP = kBlockN + 8;
   static constexpr int kLdD = kBlockK + 4;
-  static constexpr int kAElems = kKMajor ? kBlockK * kLdA : kBlockM * kLdA;
-  static constexpr int kBElemsDot = kKMajor ? kBlockK * kLdB : kBlockN * kLdB;
+  static constexpr int kAElems = kKMajor ? kChunk * kLdA : kBlockM * kLdA;
+  static constexpr int kBElemsDot = kKMajor ? kChunk * kLdB : kBlockN * kLdB;
   static constexpr int kBElemsSum = MODE == Mode::kAll ? kBlockN * kLdBD : 0;
   static constexpr int kBElems = kBElemsDot > kBElemsSum ? kBElemsDot : kBElemsSum;
   static constexpr bool kHasPD = MODE == Mode::kAll && PATH == Path::kTensor16;
@@ -200,12 +204,12 @@ struct SlotRows {
   }
 };
 
-// Copies a kRows x kBlockK tile into shared memory as ST: element (r, c) is
+// Copies a kRows x kCols tile into shared memory as ST: element (r, c) is
 // src[base(r) + (c0 + c) * stride_c], zero where base(r) < 0 or c0 + c >= dim (zero padding of
 // the dot operands; padded slots are never read by the epilogue). K_MAJOR: dst[c * LD + r],
 // else dst[r * LD + c]. VEC: 16-byte loads (the caller checked stride_c == 1, dim % kVec == 0
 // and 16-byte alignment of src and every row).
-template <typename GT, typename ST, int kRows, bool K_MAJOR, int LD, typename Base>
+template <typename GT, typename ST, int kRows, int kCols, bool K_MAJOR, int LD, typename Base>
 __device__ __forceinline__ void load_tile(
     ST* __restrict__ dst,
     const GT* __restrict__ src,
@@ -216,7 +220,7 @@ __device__ __forceinline__ void load_tile(
     bool vec) {
   if (vec) {
     constexpr int kVec = 16 / static_cast<int>(sizeof(GT));
-    constexpr int kVecPerRow = kBlockK / kVec;
+    constexpr int kVecPerRow = kCols / kVec;
     for (int i = threadIdx.x; i < kRows * kVecPerRow; i += kThreads) {
       const int r = i / kVecPerRow;
       const int c = (i % kVecPerRow) * kVec;
@@ -243,9 +247,9 @@ __device__ __forceinline__ void load_tile(
     }
   } else {
     const bool channels_fastest = stride_c == 1;  // coalesce along whichever axis is contiguous
-    for (int i = threadIdx.x; i < kRows * kBlockK; i += kThreads) {
-      const int r = channels_fastest ? i / kBlockK : i % kRows;
-      const int c = channels_fastest ? i % kBlockK : i / kRows;
+    for (int i = threadIdx.x; i < kRows * kCols; i += kThreads) {
+      const int r = channels_fastest ? i / kCols : i % kRows;
+      const int c = channels_fastest ? i % kCols : i / kRows;
       const int64_t b = base(r);
       ST v = static_cast<ST>(0.0f);
       if (b >= 0 && c0 + c < dim) {
@@ -288,7 +292,7 @@ struct WmmaTileGemm {
     }
   }
 
-  template <int LDA, int LDB, typename ST>
+  template <int KC, int LDA, int LDB, typename ST>
   __device__ __forceinline__ void chunk(const ST* a_s, const ST* b_s) {
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ < 800
     __trap();
@@ -300,7 +304,7 @@ struct WmmaTileGemm {
     const Stored* a = reinterpret_cast<const Stored*>(a_s);
     const Stored* b = reinterpret_cast<const Stored*>(b_s);
 #pragma unroll
-    for (int kk = 0; kk < kBlockK; kk += K) {
+    for (int kk = 0; kk < KC; kk += K) {
       wmma::fragment<wmma::matrix_a, 16, 16, K, Operand, wmma::row_major> fa;
       wmma::load_matrix_sync(fa, a + (16 * wm) * LDA + kk, LDA);
       to_tf32(fa);
@@ -349,12 +353,12 @@ struct TileGemm<Path::kSimt, ST> {
 #pragma unroll
       for (int j = 0; j < 4; ++j) acc[i][j] = 0.0f;
   }
-  template <int LDA, int LDB>
+  template <int KC, int LDA, int LDB>
   __device__ __forceinline__ void chunk(const float* a_s, const float* b_s) {
     const int ty = threadIdx.x / 16;
     const int tx = threadIdx.x % 16;
 #pragma unroll 8
-    for (int k = 0; k < kBlockK; ++k) {
+    for (int k = 0; k < KC; ++k) {
       const float4 a = *reinterpret_cast<const float4*>(a_s + k * LDA + 4 * ty);
       const float4 b = *reinterpret_cast<const float4*>(b_s + k * LDB + 4 * tx);
       const float av[4] = {a.x, a.y, a.z, a.w};
@@ -399,8 +403,8 @@ __global__ void __launch_bounds__(kThreads, 2) class_forward_kernel(const Forwar
   const int64_t end = tile[2] < p.num_rows ? tile[2] : p.num_rows;
   int64_t n_valid = p.counts[cls];
   n_valid = n_valid < 0 ? 0 : (n_valid > p.slots ? p.slots : n_valid);
-  const int64_t num_chunks = p.dim > kBlockK ? (p.dim + kBlockK - 1) / kBlockK : 1;
-  const bool a_once = num_chunks == 1;  // C <= kBlockK: the feature tile stays in shared memory
+  const int64_t num_chunks = p.dim > L::kChunk ? (p.dim + L::kChunk - 1) / L::kChunk : 1;
+  const bool a_once = num_chunks == 1;  // C <= kChunk: the feature tile stays in shared memory
   const bank_t* bank_cls = p.bank + cls * p.slots * p.dim;
   const int m = tid / kLanesPerRow;  // epilogue: this thread's row of the group
   const int q = tid % kLanesPerRow;  // and its slot phase (slots q, q + 4, ...)
@@ -438,7 +442,7 @@ __global__ void __launch_bounds__(kThreads, 2) class_forward_kernel(const Forwar
     float selected_sum = 0.0f;
 
     if (a_once) {
-      load_tile<feat_t, ST, kBlockM, L::kKMajor, L::kLdA>(
+      load_tile<feat_t, ST, kBlockM, L::kChunk, L::kKMajor, L::kLdA>(
           a_s, p.features, feature_rows, 0, p.dim, p.stride_c, p.vec_features);
     }
     for (int64_t n0 = 0; n0 < n_valid; n0 += kBlockN) {
@@ -449,14 +453,14 @@ __global__ void __launch_bounds__(kThreads, 2) class_forward_kernel(const Forwar
       TileGemm<PATH, ST> gemm;
       gemm.zero();
       for (int64_t chunk = 0; chunk < num_chunks; ++chunk) {
-        const int64_t c0 = chunk * kBlockK;
+        const int64_t c0 = chunk * L::kChunk;
         if (!a_once) {
-          load_tile<feat_t, ST, kBlockM, L::kKMajor, L::kLdA>(
+          load_tile<feat_t, ST, kBlockM, L::kChunk, L::kKMajor, L::kLdA>(
               a_s, p.features, feature_rows, c0, p.dim, p.stride_c, p.vec_features);
         }
-        load_tile<bank_t, ST, kBlockN, L::kKMajor, L::kLdB>(b_s, bank_cls, slot_rows, c0, p.dim, 1, p.vec_bank);
+        load_tile<bank_t, ST, kBlockN, L::kChunk, L::kKMajor, L::kLdB>(b_s, bank_cls, slot_rows, c0, p.dim, 1, p.vec_bank);
         __syncthreads();
-        gemm.template chunk<L::kLdA, L::kLdB>(a_s, b_s);
+        gemm.template chunk<L::kChunk, L::kLdA, L::kLdB>(a_s, b_s);
         __syncthreads();
       }
       gemm.template store<L::kLdS>(s_s);
@@ -506,7 +510,7 @@ __global__ void __launch_bounds__(kThreads, 2) class_forward_kernel(const Forwar
         if (__syncthreads_or(any ? 1 : 0)) {
           // dsum[rows] += P @ bank[slot tile], one channel chunk at a time.
           for (int64_t c0 = 0; c0 < p.dim; c0 += kBlockK) {
-            load_tile<bank_t, ST, kBlockN, false, L::kLdBD>(b_s, bank_cls, slot_rows, c0, p.dim, 1, p.vec_bank);
+            load_tile<bank_t, ST, kBlockN, kBlockK, false, L::kLdBD>(b_s, bank_cls, slot_rows, c0, p.dim, 1, p.vec_bank);
             if constexpr (L::kHasPD) {
               float* d_s = d_region<L>();
               for (int i = tid; i < kBlockM * kBlockK; i += kThreads) {
