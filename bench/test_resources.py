@@ -77,7 +77,7 @@ def test_representative_dims_cover_every_regime():
 
 def test_triton_tile_space_compiles_for_sm90_without_spills(tmp_path):
     pytest.importorskip("triton")
-    from cossim_fast.backends.triton import tiles
+    from cossim_fast.backends.triton import backend, tiles
 
     rows = _run(tmp_path, "--only", "triton", "--arch", "90")
     kernels = {"max": "_max_forward_kernel", "all": "_thresholded_sum_kernel"}
@@ -86,6 +86,10 @@ def test_triton_tile_space_compiles_for_sm90_without_spills(tmp_path):
         for dim in dims:
             for config in tiles.space(mode, dim, sixteen_bit):
                 assert any(variant.startswith(f"C={dim} ") and variant.endswith(str(config)) for variant in compiled), (mode, dim, config)
+            if sixteen_bit:  # the backend refuses GPUs with less shared memory than the defaults take
+                default = next(row for row in rows if row["kernel"] == kernels[mode]
+                               and row["variant"].startswith(f"C={dim} ") and row["variant"].endswith(str(tiles.space(mode, dim, True)[0])))
+                assert default["shared_bytes"] <= backend.SIXTEEN_BIT_FORWARD_SHARED_BYTES, default
     assert {row["kernel"] for row in rows} == {
         *kernels.values(), "_merge_splits_kernel", "_row_gradient_kernel", "_ring_buffer_kernel",
     }

@@ -252,6 +252,23 @@ def test_unsupported_reasons(monkeypatch):
         assert TRITON.unsupported_reasons("max_forward", torch.device("cuda"), fp32) == ["no CUDA device"]
 
 
+def test_a_gpu_without_the_shared_memory_of_the_16bit_tiles_is_refused(monkeypatch):
+    # A T4's 64 KiB: its 16-bit forwards go to the fallback with this reason, not to an
+    # OutOfResources at the first launch; fp32 tiles, the backward and the update still fit.
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(triton_backend, "_shared_memory_per_block", lambda index: 64 * 1024)
+    gpu = torch.device("cuda", 0)
+    for op in ("max_forward", "all_forward"):
+        for dtype in (torch.bfloat16, torch.float16):
+            (reason,) = TRITON.unsupported_reasons(op, gpu, dtype)
+            assert "need 96 KiB of shared memory per block, this GPU has 64 KiB" in reason
+        assert TRITON.unsupported_reasons(op, gpu, torch.float32) == []
+    assert TRITON.unsupported_reasons("max_backward", gpu, torch.bfloat16) == []
+    assert TRITON.unsupported_reasons("update", gpu, torch.bfloat16) == []
+    monkeypatch.setattr(triton_backend, "_shared_memory_per_block", lambda index: 227 * 1024)  # an H100
+    assert TRITON.unsupported_reasons("max_forward", gpu, torch.bfloat16) == []
+
+
 def test_fp32_precision_setting():
     before = fp32_precision()
     with pytest.raises(ValueError, match="tf32x3"):

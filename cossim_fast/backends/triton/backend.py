@@ -12,6 +12,7 @@ On CPU tensors the kernels run through Triton's interpreter, which must be switc
 from __future__ import annotations
 
 import contextlib
+import functools
 import os
 from collections.abc import Callable
 
@@ -33,6 +34,9 @@ INTERPRET = os.environ.get("TRITON_INTERPRET", "0").strip().lower() in ("1", "tr
 
 SUPPORTED_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 FP32_PRECISIONS = ("ieee", "tf32", "tf32x3")
+#: Shared memory per block that the 16-bit forwards' default tiles take at most (bench.resources;
+#: bench/test_resources.py keeps it so): every GPU from sm_80 on has it, a T4 (64 KiB) has not.
+SIXTEEN_BIT_FORWARD_SHARED_BYTES = 96 * 1024
 
 
 def _check_precision(precision: str) -> str:
@@ -66,6 +70,17 @@ def dot_precision(features_dtype: torch.dtype, bank_dtype: torch.dtype) -> str |
     if features_dtype == torch.float32 or bank_dtype == torch.float32:
         return _fp32_precision
     return "ieee"
+
+
+@functools.cache
+def _shared_memory_per_block(index: int) -> int | None:
+    """What Triton's launcher lets one block of CUDA device ``index`` have, or None if unknown."""
+    try:
+        from triton.compiler.compiler import max_shared_mem  # the limit Triton checks launches against
+
+        return int(max_shared_mem(index))
+    except Exception:  # noqa: BLE001 - an internal helper of Triton's: without it, no refusal
+        return None
 
 
 def forward_config(
@@ -109,6 +124,14 @@ class TritonBackend(Backend):
         elif device.type == "cuda":
             if not torch.cuda.is_available():
                 reasons.append("no CUDA device")
+            elif op in ("max_forward", "all_forward") and dtype in (torch.bfloat16, torch.float16):
+                index = device.index if device.index is not None else torch.cuda.current_device()
+                available = _shared_memory_per_block(index)
+                if available is not None and available < SIXTEEN_BIT_FORWARD_SHARED_BYTES:
+                    reasons.append(
+                        f"the 16-bit forward's tiles need {SIXTEEN_BIT_FORWARD_SHARED_BYTES // 1024} KiB of shared "
+                        f"memory per block, this GPU has {available // 1024} KiB"
+                    )
         else:
             reasons.append(f"device type {device.type} is not supported (cuda, or cpu through Triton's interpreter)")
         if dtype not in SUPPORTED_DTYPES:
