@@ -8,12 +8,15 @@ so no normalized copy of the features exists. Two regimes, by ``C``:
 - ``C_RESIDENT``: the whole ``BLOCK_M x C`` row tile is loaded once and stays in registers;
 - otherwise each slot tile is a small GEMM with a loop over ``C`` in ``BLOCK_C`` chunks.
 
-With ``slot_splits = S > 1`` (an autotune candidate for small N, where the (class, row tile)
-grid alone cannot fill the GPU) each row tile gets S programs, each over a contiguous share of
-the slots; each writes its row maxima packed as int64 keys (value bits made orderable, then the
-slot inverted, so a larger key is a larger value or, on a tie, a lower slot) and a second
-kernel takes the max of the S keys per row: no atomics, the same winner and value bit for bit
-as one program, 8 bytes per row and split plus 4 for the row norms.
+With ``slot_splits = S > 1`` each row tile gets S consecutive programs, each over a contiguous
+share of the slots. Autotune candidates for two cases: small N, where the (class, row tile) grid
+alone cannot fill the GPU; and large C, where each program re-reads its row tile (512 KiB at
+C = 2048) for every slot tile, and a wave of one-split programs holds more distinct row tiles
+than L2 does (132 x 512 KiB), while S splits side by side share theirs. Each split writes its
+row maxima packed as int64 keys (value bits made orderable, then the slot inverted, so a larger
+key is a larger value or, on a tie, a lower slot) and a second kernel takes the max of the S
+keys per row: no atomics, the same winner and value bit for bit as one program, 8 bytes per row
+and split plus 4 for the row norms.
 
 Only tile sizes are compile-time constants: sizes, strides and ``counts`` are runtime values,
 so a new class histogram never recompiles. Tile sizes: ``tiles.py``. The helpers here are shared
@@ -34,12 +37,11 @@ NO_WINNER = tl.constexpr(-(2**63))  # the packed key of a split without a slot: 
 
 
 @triton.jit
-def tile_rows(tiles_ptr, sorted_rows_ptr, BLOCK_M: tl.constexpr):
-    """This program's class (-1: past the schedule), row ids and row mask."""
-    pid = tl.program_id(0)
-    cls = tl.load(tiles_ptr + pid * 3)
-    start = tl.load(tiles_ptr + pid * 3 + 1)
-    end = tl.load(tiles_ptr + pid * 3 + 2)
+def tile_rows(tiles_ptr, sorted_rows_ptr, tile, BLOCK_M: tl.constexpr):
+    """Row tile ``tile``'s class (-1: past the schedule), row ids and row mask."""
+    cls = tl.load(tiles_ptr + tile * 3)
+    start = tl.load(tiles_ptr + tile * 3 + 1)
+    end = tl.load(tiles_ptr + tile * 3 + 2)
     offs = start + tl.arange(0, BLOCK_M)
     row_mask = offs < end
     rows = tl.load(sorted_rows_ptr + offs, mask=row_mask, other=0)
@@ -109,7 +111,10 @@ def _max_forward_kernel(
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_C: tl.constexpr,
     C_RESIDENT: tl.constexpr, UPCAST: tl.constexpr, PRECISION: tl.constexpr, SPLITS: tl.constexpr,
 ):
-    cls, rows, row_mask = tile_rows(tiles_ptr, sorted_rows_ptr, BLOCK_M)
+    # A row tile's splits are consecutive programs: they run side by side, sharing its rows in L2.
+    tile = tl.program_id(0) // SPLITS
+    split = tl.program_id(0) % SPLITS
+    cls, rows, row_mask = tile_rows(tiles_ptr, sorted_rows_ptr, tile, BLOCK_M)
     if cls < 0:
         return
     f_rows = f_ptr + (rows // points) * stride_fb + (rows % points) * stride_fp
@@ -126,7 +131,7 @@ def _max_forward_kernel(
         hi = n_valid
     else:
         share = tl.cdiv(tl.cdiv(n_valid, SPLITS), BLOCK_N) * BLOCK_N
-        lo = tl.program_id(1) * share
+        lo = split * share
         hi = tl.minimum(lo + share, n_valid)
     best = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
     best_slot = tl.full([BLOCK_M], -1, dtype=tl.int64)
@@ -150,7 +155,6 @@ def _max_forward_kernel(
     if SPLITS == 1:
         store_winner(values_ptr, indices_ptr, rows, row_mask, best, best_slot, inv_norm)
     else:
-        split = tl.program_id(1)
         tl.store(keys_ptr + split * num_rows + rows, _pack(best, best_slot), mask=row_mask)
         if split == 0:
             tl.store(norms_ptr + rows, inv_norm, mask=row_mask)
@@ -177,7 +181,7 @@ def _merge_splits_kernel(
     keys_ptr, norms_ptr, num_rows, tiles_ptr, sorted_rows_ptr, values_ptr, indices_ptr,
     BLOCK_M: tl.constexpr, SPLITS: tl.constexpr,
 ):
-    cls, rows, row_mask = tile_rows(tiles_ptr, sorted_rows_ptr, BLOCK_M)
+    cls, rows, row_mask = tile_rows(tiles_ptr, sorted_rows_ptr, tl.program_id(0), BLOCK_M)
     if cls < 0:
         return
     key = tl.load(keys_ptr + rows, mask=row_mask, other=NO_WINNER)
@@ -209,7 +213,7 @@ def launch_max_forward(
         norms = torch.empty(num_rows, dtype=torch.float32, device=values.device)
     else:
         keys, norms = indices, values  # not read or written
-    _max_forward_kernel[(tiles.shape[0], splits)](
+    _max_forward_kernel[(tiles.shape[0] * splits,)](
         features, *features.stride(), points, dim,
         bank, *bank.stride(), bank.shape[1], counts,
         tiles, sorted_rows, values, indices, keys, norms, num_rows,

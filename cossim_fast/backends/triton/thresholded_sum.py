@@ -52,7 +52,7 @@ def _thresholded_sum_kernel(
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_C: tl.constexpr,
     C_RESIDENT: tl.constexpr, UPCAST: tl.constexpr, PRECISION: tl.constexpr,
 ):
-    cls, rows, row_mask = tile_rows(tiles_ptr, sorted_rows_ptr, BLOCK_M)
+    cls, rows, row_mask = tile_rows(tiles_ptr, sorted_rows_ptr, tl.program_id(0), BLOCK_M)
     if cls < 0:
         return
     f_rows = f_ptr + (rows // points) * stride_fb + (rows % points) * stride_fp

@@ -70,8 +70,10 @@ def space(mode: str, dim: int, sixteen_bit: bool) -> tuple[TileConfig, ...]:
     precision (fp32 operands hold twice the registers, so the tiles are smaller).
     """
     if mode == "max":
-        # The default tiles over 2 and 4 slot shares: for small N, whose (class, row tile) grid
-        # alone leaves SMs idle (the same dots, so the same result bit for bit).
+        # The default tiles over 2 and 4 slot shares (the same dots, so the same result bit for
+        # bit): for small N, whose (class, row tile) grid alone leaves SMs idle, and for large C,
+        # where the splits of a row tile share its rows in L2 (max_similarity; not yet timed in
+        # this program order on a GPU).
         tiled = _max_tiles(padded_dim(dim), sixteen_bit)
         return tiled + tuple(replace(tiled[0], slot_splits=splits) for splits in (2, 4))
     if mode == "all":
