@@ -11,7 +11,8 @@
 # Writes under OUTDIR: env.log, build.log, triton_tests.log and cuda_tests.log (+ .xml),
 # sanitizer.log, resources.log (+ .json), bench.log + bench.json, bench_cuda.log + bench_cuda.json,
 # targets.log (+ .json, auto_rule.json), frontier.log + frontier.json, with GPU_CHECK_EXTRA=1
-# also autotune.log (+ .json), frontier_train.log (+ .json) and profile.log (Nsight Compute),
+# also bench_graph and bench_tf32x3 (.log + .json) with their targets_graph and targets_tf32x3,
+# autotune.log (+ .json), frontier_train.log (+ .json) and profile.log (Nsight Compute),
 # report/ (report.md, PNGs if matplotlib is there), summary.txt. The benchmark runner rewrites
 # bench.json after every case, so a cut-short run keeps its results. The device tool returns at
 # most 8 files: pack OUTDIR into one archive, with an outer timeout that leaves time to pack it
@@ -33,9 +34,10 @@ PY=${PYTHON:-$(command -v python3 || command -v python)}
 export PYTHONPATH="$ROOT${PYTHONPATH:+:$PYTHONPATH}"
 export PYTHONUNBUFFERED=1
 
-# GPU_CHECK_EXTRA=1 adds compute-sanitizer, the autotune check, the training-step frontier and
-# an Nsight Compute profile after every other step (for a 600-second call); the other steps
-# take the same time either way, inside 8 minutes.
+# GPU_CHECK_EXTRA=1 adds, after every other step (for a 600-second call): graph-replay (device)
+# timings, Triton's fp32 at tf32x3, the autotune check, the training-step frontier,
+# compute-sanitizer and an Nsight Compute profile, in that order; the other steps take the same
+# time either way, inside 8 minutes.
 EXTRA=${GPU_CHECK_EXTRA:-0}
 if [ "$EXTRA" = 1 ]; then DEFAULT_TOTAL=560; else DEFAULT_TOTAL=470; fi
 TOTAL=${GPU_CHECK_TOTAL_S:-$DEFAULT_TOTAL}   # all steps together, seconds
@@ -127,6 +129,26 @@ step report 15 $PY -m bench.report ${RESULTS[@]+"${RESULTS[@]}"} --out "$OUT/rep
 
 # The extras last: the core results above are complete whether or not they fit the time left.
 if [ "$EXTRA" = 1 ]; then
+    # Device time alone: CUDA graph replays of the bf16 forward, forward+backward and update, so
+    # that host time (checks, dispatch, launches: the same at every N) is told apart from kernel
+    # time, and the forward is held against cuBLAS on device time; its targets apart from the
+    # eager ones (bench.targets keeps one row per case).
+    step bench_graph 45 env COSSIM_BENCH_DTYPES=bf16 $PY -m bench.run --grid gpu --device cuda --timing graph \
+        --ops max-fwd,max-fwd_bwd,update --impls triton,cuda,class_gemm --rounds 5 --warmup 2 --no-memory \
+        --time-budget 35 --json "$OUT/bench_graph.json"
+    step targets_graph 10 $PY -m bench.targets "$OUT/bench_graph.json" --json "$OUT/targets_graph.json"
+    # The product question on fp32: Triton's fp32 dots at tf32x3 (three TF32 products, about fp32
+    # accuracy) against the same baselines; the file's Triton rows replace the ieee ones.
+    step bench_tf32x3 35 env COSSIM_FAST_TRITON_FP32_PRECISION=tf32x3 COSSIM_BENCH_DTYPES=fp32 $PY -m bench.run \
+        --grid gpu --device cuda --ops max-fwd,max-fwd_bwd,all-fwd_bwd --impls triton --rounds 5 --warmup 2 \
+        --no-memory --time-budget 25 --json "$OUT/bench_tf32x3.json"
+    step targets_tf32x3 10 $PY -m bench.targets "$OUT/bench.json" "$OUT/bench_tf32x3.json" --json "$OUT/targets_tf32x3.json"
+    # The Triton forward's default tiles against autotuning (compiles every candidate: bf16 only).
+    step autotune 45 $PY -m bench.autotune_check --dtype bf16 --json "$OUT/autotune.json"
+    # The headline frontier: a training iteration of the UDA literature's model (ResNet-101
+    # DeepLabv2, bf16 autocast) under an 8 GiB cap, at both ends of the dictionary sizes users run.
+    step frontier_train 65 $PY -m bench.frontier --device cuda --step train --model deeplabv2_resnet101 \
+        --budget-mib 8192 --M 1024,16384 --dtype bf16 --tol 0.1 --time-budget 55 --json "$OUT/frontier_train.json"
     # memcheck over every GPU test of the CUDA forward and backward (odd shapes, tile tails, M
     # below a tile, ties, empty inputs, strided maps), without PyTorch's caching allocator so
     # that out-of-bounds accesses hit unallocated memory.
@@ -134,12 +156,6 @@ if [ "$EXTRA" = 1 ]; then
     SANITIZER=$(command -v compute-sanitizer || echo "${CUDA_HOME:-/usr/local/cuda}/bin/compute-sanitizer")
     step sanitizer 100 env PYTORCH_NO_CUDA_MEMORY_CACHING=1 "$SANITIZER" --tool memcheck --error-exitcode 9 \
         $PY -m pytest -q -p no:cacheprovider tests/test_cuda_backend.py -m gpu -k "not emulated"
-    # The Triton forward's default tiles against autotuning (compiles every candidate: bf16 only).
-    step autotune 45 $PY -m bench.autotune_check --dtype bf16 --json "$OUT/autotune.json"
-    # The headline frontier: a training iteration of the UDA literature's model (ResNet-101
-    # DeepLabv2, bf16 autocast) under an 8 GiB cap, at both ends of the dictionary sizes users run.
-    step frontier_train 65 $PY -m bench.frontier --device cuda --step train --model deeplabv2_resnet101 \
-        --budget-mib 8192 --M 1024,16384 --dtype bf16 --tol 0.1 --time-budget 55 --json "$OUT/frontier_train.json"
     # Nsight Compute over one bf16 max forward of each fused backend (N = 131072, C = 2048): where
     # their time goes (throughput, occupancy, warp stalls), for the next kernel work.
     NCU=$(command -v ncu || ls /opt/nvidia/nsight-compute/*/ncu 2>/dev/null | head -n 1)
@@ -167,10 +183,13 @@ rm -f "$OUT/summary.head"
         echo
         echo "compute-sanitizer: $(grep -E 'ERROR SUMMARY|passed|failed|not supported' "$OUT/sanitizer.log" | tail -n 2 | tr '\n' ' ')"
     fi
-    if ran targets; then
-        echo
-        cat "$OUT/targets.log"
-    fi
+    for targets in targets targets_graph targets_tf32x3; do
+        if ran "$targets"; then
+            echo
+            echo "$targets:"
+            cat "$OUT/$targets.log"
+        fi
+    done
     if ran autotune; then
         echo
         cat "$OUT/autotune.log"

@@ -224,10 +224,18 @@ class Prepared:
     setup: Callable | None
     flops: int | None  # nominal 2 * N_valid * M * C of the forward, None for backward/update
     n_valid: int
+    #: ``target``'s work without its device synchronization, repeatable with no setup: what a
+    #: CUDA graph can capture (None for the backward phase, which needs a fresh forward per call).
+    body: Callable | None = None
 
 
 def nominal_flops(case: Case) -> int:
     return 2 * case.N * case.M * case.C  # uniform labels in [0, K), full buckets: N_valid = N
+
+
+def _prepared(body: Callable, device: str, flops: int | None, n_valid: int) -> Prepared:
+    """A setup-free case: ``body`` timed with a device synchronization after it."""
+    return Prepared(_synchronized(body, device), None, flops, n_valid, body)
 
 
 def _synchronized(fn: Callable, device: str) -> Callable:
@@ -264,31 +272,31 @@ def prepare(case: Case, cached: bool = True) -> Prepared:
         else:
             def update():
                 dictionary.update(source, labels, backend=case.impl)
-        return Prepared(_synchronized(update, device), None, None, case.N)
+        return _prepared(update, device, None, case.N)
 
     if case.impl == "class_gemm":
         gemms = baselines.PerClassGemms(features.detach(), labels, problem.bank, problem.counts)
-        return Prepared(_synchronized(gemms, device), None, flops, case.N)
+        return _prepared(gemms, device, flops, case.N)
     if case.impl == "keops":
         detached = features.detach()
 
         def keops_forward():
             baselines.keops_max_cosine_similarity(detached, labels, problem.bank, problem.counts)
 
-        return Prepared(_synchronized(keops_forward, device), None, flops, case.N)
+        return _prepared(keops_forward, device, flops, case.N)
 
     loss_of = loss_function(case, problem)
     if case.phase == "fwd":
         def forward():
             loss_of(features, labels)
 
-        return Prepared(_synchronized(forward, device), None, flops, case.N)
+        return _prepared(forward, device, flops, case.N)
     if case.phase == "fwd_bwd":
         def forward_backward():
             features.grad = None
             loss_of(features, labels).backward()
 
-        return Prepared(_synchronized(forward_backward, device), None, flops, case.N)
+        return _prepared(forward_backward, device, flops, case.N)
 
     def setup():
         features.grad = None
@@ -503,13 +511,27 @@ def percentile(data: list[float], q: float) -> float:
     return ordered[low] + (ordered[high] - ordered[low]) * (position - low)
 
 
-def extra_info(case: Case, prepared: Prepared, seconds: list[float], memory: dict) -> dict:
-    """What every result records beside pytest-benchmark's own statistics."""
+def fp32_precision(impl: str) -> str | None:
+    """How the fused backend ``impl`` dots fp32 inputs in this process (None for the others)."""
+    if impl == "triton":
+        from cossim_fast.backends.triton.backend import fp32_precision as precision
+    elif impl == "cuda":
+        from cossim_fast.backends.cuda import fp32_precision as precision
+    else:
+        return None
+    return precision()
+
+
+def extra_info(case: Case, prepared: Prepared, seconds: list[float], memory: dict, timing: str = "eager") -> dict:
+    """What every result records beside pytest-benchmark's own statistics. ``timing``: "eager"
+    (wall time of the call, host path included) or "graph" (CUDA graph replays: device time)."""
     median = percentile(seconds, 50)
     info = case.to_dict()
     info.update(
         mode=case.mode,
         phase=case.phase,
+        timing=timing,
+        fp32_precision=fp32_precision(case.impl) if case.dtype == "fp32" else None,
         n_valid=prepared.n_valid,
         nominal_flops=prepared.flops,
         tflops=(prepared.flops / median / 1e12) if prepared.flops and median > 0 else None,

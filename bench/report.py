@@ -18,6 +18,11 @@ import os
 import sys
 from collections import defaultdict
 
+#: What a time means, by how it was taken (bench.run --timing).
+TIMING_NOTES = {
+    "eager": "Timing: eager, the wall time of each call, its host path (checks, dispatch, launches) included.",
+    "graph": "Timing: CUDA graph replays, the device's time alone (no host path).",
+}
 IMPL_ORDER = ("reference", "per_class", "class_gemm", "keops", "torch", "triton", "cuda")
 OP_ORDER = ("max-fwd", "max-bwd", "max-fwd_bwd", "all-fwd", "all-bwd", "all-fwd_bwd", "update")
 
@@ -53,6 +58,7 @@ def load(paths: list[str]) -> tuple[list[dict], dict, list[dict]]:
             data = stats.get("data") or []
             median_ms = extra.get("median_ms", stats.get("median", float("nan")) * 1e3)
             row = {key: extra.get(key) for key in ("op", "impl", "N", "M", "C", "dtype", "device", "peak_mib", "tflops", "rounds")}
+            row["timing"] = extra.get("timing", "eager")
             row["median_ms"] = median_ms
             row["p20_ms"] = extra.get("p20_ms", _percentile(data, 20) * 1e3 if data else None)
             row["p80_ms"] = extra.get("p80_ms", _percentile(data, 80) * 1e3 if data else None)
@@ -108,7 +114,10 @@ def markdown(rows: list[dict], machine: dict, skipped: list[dict]) -> str:
         if machine.get("date"):
             lines.append(f"Date: {machine['date']}.")
         lines.append("")
+    timings = {row.get("timing", "eager") for row in rows}
     lines += [
+        " ".join(TIMING_NOTES[timing] for timing in sorted(timings) if timing in TIMING_NOTES),
+        "",
         (
             "Times in ms (median, p20-p80 over the rounds); peak = memory beyond the inputs during one call "
             "(GPU: max_memory_allocated; CPU: peak RSS of a fresh process); TFLOP/s = 2*N_valid*M*C (the useful "

@@ -7,6 +7,11 @@ extra_info}``) that ``bench/report.py`` reads. Because the file is rewritten aft
 results: this is what ``bench/gpu_check.sh`` uses.
 
     python -m bench.run --grid gpu --json out.json [--time-budget 150] [--ops ...] [--impls ...]
+
+``--timing graph`` (CUDA only) times replays of a CUDA graph of each call instead: the device's
+time alone, without the host path (argument checks, dispatch, launches), which the default
+``eager`` timing includes as a user's training step does. The two side by side say how much of
+a call is host time; the backward phase, which needs a fresh forward per call, is not graphed.
 """
 
 from __future__ import annotations
@@ -38,6 +43,34 @@ def time_case(prepared: harness.Prepared, rounds: int, warmup: int) -> list[floa
     return seconds
 
 
+def graph_replay_seconds(prepared: harness.Prepared, rounds: int, warmup: int) -> list[float]:
+    """Seconds per replay of a CUDA graph of ``prepared.body`` (CUDA events), after ``warmup``
+    replays; the body runs a few times eagerly on a side stream first, as capture requires."""
+    if prepared.body is None:
+        raise ValueError("this case has no setup-free body to capture (the backward phase)")
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        for _ in range(max(warmup, 1)):
+            prepared.body()
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        prepared.body()
+    for _ in range(warmup):
+        graph.replay()
+    seconds = []
+    for _ in range(rounds):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        graph.replay()
+        end.record()
+        end.synchronize()
+        seconds.append(start.elapsed_time(end) / 1e3)
+    del graph
+    return seconds
+
+
 def stats_of(seconds: list[float]) -> dict:
     """pytest-benchmark's statistics names (seconds), raw data included."""
     mean = sum(seconds) / len(seconds)
@@ -65,11 +98,14 @@ def write_json(path: str, document: dict) -> None:
     os.replace(temporary, path)
 
 
-def run_case(case: harness.Case, rounds: int, warmup: int, measure_memory: bool) -> dict:
+def run_case(case: harness.Case, rounds: int, warmup: int, measure_memory: bool, timing: str = "eager") -> dict:
     memory = harness.measure_peak(case) if measure_memory else {"peak_mib": None, "peak_method": "not measured"}
     prepared = harness.prepare(case)
-    seconds = time_case(prepared, rounds, warmup)
-    info = harness.extra_info(case, prepared, seconds, memory)
+    if timing == "graph":
+        seconds = graph_replay_seconds(prepared, rounds, warmup)
+    else:
+        seconds = time_case(prepared, rounds, warmup)
+    info = harness.extra_info(case, prepared, seconds, memory, timing)
     del prepared
     return {
         "group": case.group,
@@ -94,6 +130,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--time-budget", type=float, default=None, help="seconds after which no new case starts")
     parser.add_argument("--no-memory", action="store_true")
     parser.add_argument("--check-values", action="store_true")
+    parser.add_argument("--timing", choices=("eager", "graph"), default="eager",
+                        help="eager: wall time of each call (default); graph: CUDA graph replays (device time)")
     args = parser.parse_args(argv)
 
     def split(value: str | None) -> tuple[str, ...] | None:
@@ -104,6 +142,8 @@ def main(argv: list[str] | None = None) -> int:
     default_rounds, default_warmup = harness.timing_defaults(device)
     rounds = args.rounds or default_rounds
     warmup = default_warmup if args.warmup is None else args.warmup
+    if args.timing == "graph" and device != "cuda":
+        parser.error(f"--timing graph needs CUDA tensors (--device cuda), not {device}")
     harness.configure_for_benchmarks(args.check_values)
 
     started = time.monotonic()
@@ -111,6 +151,7 @@ def main(argv: list[str] | None = None) -> int:
         "machine_info": harness.machine(),
         "datetime": datetime.datetime.now(datetime.timezone.utc).isoformat(),
         "version": "bench.run",
+        "timing": args.timing,
         "benchmarks": [],
         "skipped": [],
         "errors": [],
@@ -123,12 +164,14 @@ def main(argv: list[str] | None = None) -> int:
             print(f"time budget of {args.time_budget:.0f} s spent: {len(cases) - number + 1} cases not run", flush=True)
             break
         reason = harness.skip_reason(case)
+        if reason is None and args.timing == "graph" and case.phase == "bwd":
+            reason = "a CUDA graph of the backward phase alone would replay it without a fresh forward"
         if reason:
             document["skipped"].append({"case": case.id, "reason": reason})
             print(f"[{number}/{len(cases)}] {case.id}: SKIPPED {reason}", flush=True)
             continue
         try:
-            entry = run_case(case, rounds, warmup, not args.no_memory)
+            entry = run_case(case, rounds, warmup, not args.no_memory, args.timing)
         except Exception as error:  # noqa: BLE001 - one broken case must not end the run
             message = f"{type(error).__name__}: {error}"
             document["errors"].append({"case": case.id, "error": message[:2000], "traceback": traceback.format_exc()[-3000:]})

@@ -71,11 +71,17 @@ def evaluate(rows: list[dict], missing: dict[str, str] | None = None) -> list[di
     cases = [fields for fields in map(_case_fields, missing) if fields]
     shapes = sorted({key[1:] for key in table} | {fields[2:] for fields in cases})
     ops = {key[0] for key in table} | {fields[0] for fields in cases}
+    # A target whose baseline the run never tried, or the memory target of a run that measured
+    # no memory (bench.run --timing graph, say), is not part of this run: left out, not "missing".
+    impls_in_run = {impl for impls in table.values() for impl in impls} | {fields[1] for fields in cases}
+    measured_memory = any(row.get("peak_mib") is not None for row in rows)
     checks = []
     for rows_n, slots, dim, dtype in shapes:
         for target, op, baseline_impl, goal, unit in TARGETS:
             goal = goal.get(dim) if isinstance(goal, dict) else goal
-            if op not in ops or goal is None:
+            if op not in ops or goal is None or (baseline_impl and baseline_impl not in impls_in_run):
+                continue
+            if target == "extra memory per row" and not measured_memory:
                 continue
             impls = table.get((op, rows_n, slots, dim, dtype), {})
             for backend in FUSED:

@@ -100,6 +100,30 @@ def test_every_grid_case_prepares_and_runs_on_a_small_size():
         harness.clear_cache()
 
 
+def test_graphable_body_is_the_timed_work_of_every_phase_but_backward():
+    harness.configure_for_benchmarks(False)
+    try:
+        for op in harness.OPS:
+            prepared = harness.prepare(harness.Case(op, "torch", 64, 8, 16, "fp32", "cpu"), cached=False)
+            if op.endswith("-bwd"):
+                assert prepared.body is None and prepared.setup is not None
+                with pytest.raises(ValueError, match="backward phase"):
+                    bench_run.graph_replay_seconds(prepared, rounds=1, warmup=0)
+            else:
+                assert prepared.setup is None and prepared.body is prepared.target  # on CPU: no synchronization
+                prepared.body()
+    finally:
+        cossim_fast.set_strict(False)
+        cossim_fast.set_value_checks(True)
+
+
+def test_graph_timing_needs_cuda(tmp_path, capsys):
+    with pytest.raises(SystemExit):
+        bench_run.main(["--device", "cpu", "--ops", "max-fwd", "--impls", "torch", "--timing", "graph",
+                        "--json", str(tmp_path / "out.json")])
+    assert "--timing graph needs CUDA tensors" in capsys.readouterr().err
+
+
 def test_reference_over_memory_limit_is_skipped_with_its_size(monkeypatch):
     monkeypatch.setenv("COSSIM_BENCH_MEMORY_LIMIT_GIB", "1")
     reason = harness.skip_reason(harness.Case("max-fwd", "reference", 131072, 4096, 256, "fp32"))
@@ -179,6 +203,10 @@ def test_targets_and_auto_rule():
     assert checks[("cuda", "extra memory per row", 256)]["why"] == "cuda: no peak memory recorded"
     assert ("triton", "fwd+bwd vs per-class", 256) in checks and all(c["op"] != "all-fwd_bwd" for c in checks.values())
     assert "not measured: cuda: not run" in targets.markdown(list(checks.values()), [])
+    # A run without the per-class baseline and without memory (graph timing): only what it measured.
+    graphed = [row("max-fwd", "class_gemm", 1.0), row("max-fwd", "triton", 2.0), row("max-fwd_bwd", "triton", 6.0)]
+    assert {(c["backend"], c["target"]) for c in targets.evaluate(graphed)} == {
+        ("triton", "forward vs cuBLAS class GEMMs"), ("cuda", "forward vs cuBLAS class GEMMs")}
 
 
 def test_targets_write_rule_from_results_files(tmp_path):
