@@ -21,7 +21,16 @@ from cossim_fast.backends.triton import (
     set_fp32_precision,
 )
 from cossim_fast.backends.triton import backend as triton_backend
-from triton_cases import DEVICES, DTYPES, IGNORE, TOLERANCES, assert_same_max, make_case
+from triton_cases import (
+    DEVICES,
+    DTYPES,
+    FP32_PRECISION_TOLERANCES,
+    IGNORE,
+    TOLERANCES,
+    assert_same_all,
+    assert_same_max,
+    make_case,
+)
 
 TRITON, REFERENCE = TritonBackend(), ReferenceBackend()
 
@@ -57,6 +66,29 @@ def test_max_forward_matches_reference(shape, dtype, device):
     empty = (labels == IGNORE) | (counts[labels.clamp(max=num_classes - 1)] == 0)
     assert torch.equal(got[1][empty], torch.full_like(got[1][empty], -1))
     assert torch.isneginf(got[0][empty]).all() and not torch.isinf(got[0][~empty]).any()
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("precision", ["tf32x3", "tf32"])
+@pytest.mark.parametrize("shape", ["small_c", "large_c"])
+def test_fp32_dot_precisions_match_reference(shape, precision, device):
+    # The fp32 choices other than the exact default, within their stated tolerances (the
+    # interpreter dots fp32 exactly whatever the precision: a GPU tells them apart).
+    num_classes, slots, dim, counts, num_rows, images = SHAPES[shape]
+    features, labels, bank, counts = make_case(
+        num_classes, slots, dim, counts, num_rows, dtype=torch.float32, device=device, images=images
+    )
+    tolerances = FP32_PRECISION_TOLERANCES[precision]
+    before = fp32_precision()
+    set_fp32_precision(precision)
+    try:
+        got, want = max_forward_both(features, labels, bank, counts)
+        assert_same_max(features, labels, bank, counts, got, want, torch.float32, tolerances)
+        if precision == "tf32x3":  # at tf32's 2e-3, too many similarities lie that near the threshold
+            all_got = TRITON.all_forward(features, labels, bank, counts, 0.05, IGNORE)
+            assert_same_all(features, labels, bank, counts, all_got, torch.float32, tolerances=tolerances)
+    finally:
+        set_fp32_precision(before)
 
 
 @pytest.mark.parametrize("device", DEVICES)
