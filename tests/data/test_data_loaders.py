@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import struct
+import zlib
 from collections.abc import Callable
 from pathlib import Path
 
@@ -21,6 +23,7 @@ from cossim_fast.data import (
     SynthiaDataset,
     read_synthia_label,
 )
+from cossim_fast.data import datasets
 
 W, H = 8, 6
 
@@ -132,7 +135,21 @@ def test_gta5_sample(gta5_root: Callable[..., Path]) -> None:
     assert label[:, : W // 2].eq(0).all() and label[:, W // 2 :].eq(255).all()  # 7 -> road, 34 -> ignore
 
 
-def test_synthia_reads_16bit_first_channel(synthia_root: Callable[..., Path]) -> None:
+@pytest.fixture(params=["opencv", "pypng"])
+def synthia_decoder(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> str:
+    """Each SYNTHIA label decoder in turn: OpenCV where installed, and the pypng fallback."""
+    if request.param == "opencv" and datasets._opencv() is None:
+        pytest.skip("OpenCV is not installed")
+    if request.param == "pypng":
+        monkeypatch.setattr(datasets, "_opencv", lambda: None)
+    return request.param
+
+
+def png_chunk(kind: bytes, data: bytes) -> bytes:
+    return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+
+def test_synthia_reads_16bit_first_channel(synthia_root: Callable[..., Path], synthia_decoder: str) -> None:
     root = synthia_root()
     raw = read_synthia_label(root / "GT" / "LABELS" / "0000000.png")
     assert raw.dtype == np.uint16 and raw.shape == (H, W) and raw[0, 0] == 300
@@ -285,12 +302,30 @@ def test_unreadable_files(gta5_root: Callable[..., Path], synthia_root: Callable
         SynthiaDataset(root).preflight(deep=True)
 
 
+def test_synthia_label_with_a_corrupt_stream_names_the_file(synthia_root: Callable[..., Path], synthia_decoder: str) -> None:
+    # Intact chunk checksums around a stream that is not zlib: the decoder's own error is not
+    # enough, the message must say which of thousands of files is broken.
+    root = synthia_root()
+    label = root / "GT" / "LABELS" / "0000001.png"
+    header = struct.pack(">IIBBBBB", W, H, 16, 2, 0, 0, 0)
+    label.write_bytes(b"\x89PNG\r\n\x1a\n" + png_chunk(b"IHDR", header) + png_chunk(b"IDAT", b"not zlib") + png_chunk(b"IEND", b""))
+    with pytest.raises(DatasetError, match=r"cannot read .*0000001\.png"):
+        SynthiaDataset(root)[1]
+    with pytest.raises(DatasetError, match=r"cannot read .*0000001\.png"):
+        SynthiaDataset(root).preflight(deep=True)
+
+
 def test_colour_label_rejected(cityscapes_root: Callable[..., Path]) -> None:
     root = cityscapes_root(splits=("val",))
     bad = root / "gtFine" / "val" / "bonn" / "bonn_000001_000019_gtFine_labelIds.png"
     save(bad, np.zeros((H, W, 3), dtype=np.uint8))
     with pytest.raises(DatasetError, match="has mode RGB; expected a single-channel id map"):
         CityscapesDataset(root, "val").preflight()
+    # Read directly (no pre-flight scan): the same reason, not a size mismatch.
+    dataset = CityscapesDataset(root, "val")
+    index = dataset.names.index("bonn/bonn_000001_000019")
+    with pytest.raises(DatasetError, match="has mode RGB; expected a single-channel id map"):
+        dataset[index]
 
 
 def test_size_mismatch(gta5_root: Callable[..., Path], synthia_root: Callable[..., Path]) -> None:
