@@ -144,7 +144,7 @@ if [ "$EXTRA" = 1 ]; then
         --no-memory --time-budget 25 --json "$OUT/bench_tf32x3.json"
     step targets_tf32x3 10 $PY -m bench.targets "$OUT/bench.json" "$OUT/bench_tf32x3.json" --json "$OUT/targets_tf32x3.json"
     # The Triton forward's default tiles against autotuning (compiles every candidate: bf16 only).
-    step autotune 45 $PY -m bench.autotune_check --dtype bf16 --json "$OUT/autotune.json"
+    step autotune 60 $PY -m bench.autotune_check --dtype bf16 --json "$OUT/autotune.json"
     # The headline frontier: a training iteration of the UDA literature's model (ResNet-101
     # DeepLabv2, bf16 autocast) under an 8 GiB cap, at both ends of the dictionary sizes users run.
     step frontier_train 65 $PY -m bench.frontier --device cuda --step train --model deeplabv2_resnet101 \

@@ -84,8 +84,13 @@ def test_space_defaults_and_fixed_reduction_chunk():
         assert len({config.block_c for config in candidates}) == 1, "BLOCK_C must not depend on the candidate"
         assert len({config.c_resident for config in candidates}) == 1
         splits = [config for config in candidates if config.slot_splits > 1]
-        assert all(replace(config, slot_splits=1) == candidates[0] for config in splits)  # the default's tiles
+        assert all(replace(config, slot_splits=1, flatten=False) == candidates[0] for config in splits)  # the default's tiles
         assert {config.slot_splits for config in splits} == ({2, 4} if mode == "max" else set())
+        # Flattened loops: the default's tiles, in the streamed "max" regime only, never the default.
+        flattened = [config for config in candidates if config.flatten]
+        assert not candidates[0].flatten
+        assert all(replace(config, slot_splits=1, flatten=False) == candidates[0] for config in flattened)
+        assert bool(flattened) == (mode == "max" and not candidates[0].c_resident)
     assert tiles.space("max", 256, True)[0].c_resident and not tiles.space("max", 257, True)[0].c_resident
     with pytest.raises(ValueError, match="mode must be 'max' or 'all'"):
         tiles.space("mean", 64, True)

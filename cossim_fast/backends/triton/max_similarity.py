@@ -18,6 +18,11 @@ key is a larger value or, on a tie, a lower slot) and a second kernel takes the 
 keys per row: no atomics, the same winner and value bit for bit as one program, 8 bytes per row
 and split plus 4 for the row norms.
 
+With ``flatten`` (streamed regime only) the slot-tile loop and its loop over ``C`` become one
+loop for Triton's software pipeliner, so the next slot tile's first chunks load while this one's
+last chunks and its max/argmax run, instead of the pipeline draining and refilling at every slot
+tile (32 chunks at C = 2048). The same dots in the same order: the same results.
+
 Only tile sizes are compile-time constants: sizes, strides and ``counts`` are runtime values,
 so a new class histogram never recompiles. Tile sizes: ``tiles.py``. The helpers here are shared
 with ``thresholded_sum``.
@@ -110,6 +115,7 @@ def _max_forward_kernel(
     tiles_ptr, sorted_rows_ptr, values_ptr, indices_ptr, keys_ptr, norms_ptr, num_rows,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_C: tl.constexpr,
     C_RESIDENT: tl.constexpr, UPCAST: tl.constexpr, PRECISION: tl.constexpr, SPLITS: tl.constexpr,
+    FLATTEN: tl.constexpr,
 ):
     # A row tile's splits are consecutive programs: they run side by side, sharing its rows in L2.
     tile = tl.program_id(0) // SPLITS
@@ -135,7 +141,7 @@ def _max_forward_kernel(
         hi = tl.minimum(lo + share, n_valid)
     best = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
     best_slot = tl.full([BLOCK_M], -1, dtype=tl.int64)
-    for first in range(lo, hi, BLOCK_N):
+    for first in tl.range(lo, hi, BLOCK_N, flatten=FLATTEN):
         slots = first + tl.arange(0, BLOCK_N)
         slot_mask = slots < hi
         if C_RESIDENT:
@@ -219,6 +225,7 @@ def launch_max_forward(
         tiles, sorted_rows, values, indices, keys, norms, num_rows,
         BLOCK_M=config.block_m, BLOCK_N=config.block_n, BLOCK_C=config.block_c,
         C_RESIDENT=config.c_resident, UPCAST=precision is not None, PRECISION=precision, SPLITS=splits,
+        FLATTEN=config.flatten,
         num_warps=config.num_warps, num_stages=config.num_stages,
     )
     if splits > 1:

@@ -43,13 +43,16 @@ class TileConfig:
     num_stages: int
     #: Programs per row tile, each over a share of the slots ("max" mode only; see max_similarity).
     slot_splits: int = 1
+    #: One pipelined loop over (slot tile, C chunk) ("max" mode, streamed regime; see max_similarity).
+    flatten: bool = False
 
     def __str__(self) -> str:
         regime = "resident" if self.c_resident else "streamed"
         splits = f" splits={self.slot_splits}" if self.slot_splits > 1 else ""
+        flatten = " flatten" if self.flatten else ""
         return (
             f"{self.block_m}x{self.block_n}x{self.block_c} {regime} "
-            f"warps={self.num_warps} stages={self.num_stages}{splits}"
+            f"warps={self.num_warps} stages={self.num_stages}{splits}{flatten}"
         )
 
 
@@ -75,7 +78,12 @@ def space(mode: str, dim: int, sixteen_bit: bool) -> tuple[TileConfig, ...]:
         # where the splits of a row tile share its rows in L2 (max_similarity; not yet timed in
         # this program order on a GPU).
         tiled = _max_tiles(padded_dim(dim), sixteen_bit)
-        return tiled + tuple(replace(tiled[0], slot_splits=splits) for splits in (2, 4))
+        split = tuple(replace(tiled[0], slot_splits=splits) for splits in (2, 4))
+        if tiled[0].c_resident:
+            return tiled + split
+        # Streamed: the default and its 4 splits with the slot and C loops flattened into one
+        # pipelined loop (not yet timed on a GPU; the default stays as measured).
+        return tiled + split + (replace(tiled[0], flatten=True), replace(split[1], flatten=True))
     if mode == "all":
         return _all_tiles(padded_dim(dim), sixteen_bit)
     raise ValueError(f"mode must be 'max' or 'all', got {mode!r}")
