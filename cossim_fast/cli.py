@@ -45,16 +45,22 @@ def evaluate(args: argparse.Namespace) -> int:
 
     import torch
 
+    from cossim_fast import configs
     from cossim_fast.data import NUM_CLASSES
     from cossim_fast.models import build_model
-    from cossim_fast.training import checkpoint, evaluate as run_evaluation
-    from cossim_fast.training.config import config_from_dict
+    from cossim_fast.training import ConfigError, checkpoint, evaluate as run_evaluation, load_config
     from cossim_fast.training.trainer import make_dataset
 
     state = checkpoint.load(args.checkpoint)
-    config = _config(args) if args.config else config_from_dict(json.loads(state["config"]))
+    # The checkpoint's own config, then --config and --set on top (a val set elsewhere, say).
+    saved = json.loads(state["config"])
+    config = load_config(configs.resolve(args.config) if args.config else None, args.set, base=saved)
+    if config.model.name != saved["model"]["name"]:
+        raise ConfigError(f"model.name: {args.checkpoint} holds a {saved['model']['name']}, not a {config.model.name}")
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    model = build_model(config.model.name, NUM_CLASSES, feature_point=config.model.feature_point).to(device)
+    model = build_model(
+        config.model.name, NUM_CLASSES, feature_point=config.model.feature_point, random_init_notice=False
+    ).to(device)
     model.load_state_dict(state["model"])
     matrix = run_evaluation(model, make_dataset(config.data.val, labels=True, full_resolution_labels=True), device, progress=True)
     print(matrix.table(config.data.protocols, title=f"{args.checkpoint} (iteration {state['iteration']})"))
@@ -74,7 +80,9 @@ def main(argv: list[str] | None = None) -> int:
     _add_config_options(command)
     command.add_argument("--resume", default="auto", help="auto (default), none, or a checkpoint path")
     command.set_defaults(run=train)
-    command = commands.add_parser("evaluate", help="mIoU of a checkpoint on the target val split")
+    command = commands.add_parser(
+        "evaluate", help="mIoU of a checkpoint on the target val split (its config, with --config and --set on top)"
+    )
     command.add_argument("checkpoint")
     _add_config_options(command)
     command.set_defaults(run=evaluate)

@@ -136,11 +136,13 @@ def build_model(
     width: int | None = None,
     aspp_dilations: Sequence[int] = ASPP_DILATIONS,
     activation_checkpointing: bool = False,
+    random_init_notice: bool = True,
 ) -> DeepLabV2:
     """Build a DeepLab-v2 model by name (see :data:`MODEL_NAMES`).
 
     ``pretrained`` is a local torchvision-format ResNet state dict loaded into the backbone
-    (nothing is ever downloaded); without it the weights are random and a notice is logged.
+    (nothing is ever downloaded); without it the weights are random and a notice is logged,
+    unless ``random_init_notice`` is False (the caller loads a checkpoint's weights next).
     ``freeze_bn=None`` freezes BatchNorm exactly when pretrained weights are given: frozen
     statistics of a random init would be meaningless. ``width`` overrides the stem width.
     ``activation_checkpointing`` recomputes the backbone's blocks in the backward instead of
@@ -155,8 +157,8 @@ def build_model(
         depth, width=default_width if width is None else width, output_stride=output_stride, freeze_bn=freeze_bn,
         activation_checkpointing=activation_checkpointing,
     )
-    if pretrained is None:
-        logger.warning("%s: no pretrained weights given, the model is randomly initialized", name)
-    else:
+    if pretrained is not None:
         load_torchvision_weights(backbone, pretrained)
+    elif random_init_notice:
+        logger.warning("%s: no pretrained weights given, the model is randomly initialized", name)
     return DeepLabV2(backbone, num_classes, feature_point=feature_point, aspp_dilations=aspp_dilations)

@@ -39,13 +39,17 @@ def set_rng_state(state: dict[str, Any]) -> None:
     version, internal, gauss_next = state["python"]
     random.setstate((version, tuple(internal), gauss_next))
     if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all([cuda.cpu() for cuda in state["cuda"]])
+        # One state per GPU the saving process saw: a machine that sees fewer takes the first ones.
+        for index, cuda in enumerate(state["cuda"][: torch.cuda.device_count()]):
+            torch.cuda.set_rng_state(cuda.cpu(), index)
 
 
 def save_atomic(payload: dict[str, Any], path: str | Path) -> None:
     """Write ``payload`` to ``path`` so that ``path`` is always either the old or the new file."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
+    for stale in path.parent.glob(f".{path.name}.*.tmp"):  # left by a process killed mid-write
+        stale.unlink(missing_ok=True)
     handle, temporary = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
         os.fchmod(handle, 0o666 & ~_umask())  # mkstemp makes it private; a checkpoint is not

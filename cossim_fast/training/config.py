@@ -17,6 +17,7 @@ from typing import Any
 import yaml
 
 from cossim_fast.data.labels import PROTOCOLS
+from cossim_fast.models.deeplabv2 import MODEL_NAMES
 
 
 class ConfigError(ValueError):
@@ -63,7 +64,7 @@ class ModelConfig:
     name: str = "deeplabv2_small"
     pretrained: str | None = None  # a local torchvision-format ResNet state dict
     feature_point: str = "backbone"  # backbone | pre_activation
-    freeze_bn: bool = False
+    freeze_bn: bool | None = None  # None: frozen exactly when pretrained weights are given
     init_from: str | None = None  # start from this checkpoint's weights (e.g. a source-only run)
     activation_checkpointing: bool = False  # recompute backbone blocks in the backward: less memory, more time
 
@@ -134,6 +135,7 @@ class Config:
 
 
 CHOICES = {
+    "model.name": MODEL_NAMES,
     "data.source.kind": ("gta5", "synthia", "cityscapes"),
     "data.target.kind": ("gta5", "synthia", "cityscapes"),
     "data.val.kind": ("gta5", "synthia", "cityscapes"),
@@ -167,6 +169,9 @@ _IMAGE_SIZE = (lambda v: len(v) == 2 and min(v) >= 1), "[width, height], both >=
 
 #: Ranges beyond the type, checked where the value is read (None, where allowed, passes).
 RULES: dict[str, tuple[typing.Callable[[Any], bool], str]] = {
+    # Seeds are mixed into others (seed * 1_000_003 + epoch, ...) that torch takes as 64-bit.
+    "seed": _within(0, 2**32 - 1),
+    "data.synthetic.seed": _within(0, 2**32 - 1),
     **{f"train.{name}": _POSITIVE for name in (
         "iterations", "batch_size_source", "batch_size_target", "grad_accum", "ce_bands", "log_every", "eval_every",
         "checkpoint_every", "threads", "check_values_every",
@@ -214,6 +219,11 @@ def _check_value(path: str, annotation: Any, value: Any, default: Any = None) ->
         return _check_range(path, [_check_value(f"{path}[{i}]", item, v) for i, v in enumerate(value)])
     if annotation is float and isinstance(value, int) and not isinstance(value, bool):
         value = float(value)
+    if annotation is float and isinstance(value, str):  # YAML 1.1 reads 1e-4 (no dot) as a string
+        try:
+            value = float(value)
+        except ValueError:
+            pass  # reported below as the wrong type
     if annotation is bool and not isinstance(value, bool) or not isinstance(value, annotation) or (
         annotation is int and isinstance(value, bool)
     ):
@@ -273,9 +283,10 @@ def parse_override(text: str) -> dict:
     return nested
 
 
-def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> Config:
-    """The defaults, then the YAML file at ``path``, then ``key=value`` overrides, all checked."""
-    values: dict = {}
+def load_config(path: str | Path | None = None, overrides: list[str] | None = None, base: dict | None = None) -> Config:
+    """The defaults (or ``base``, e.g. a checkpoint's config), then the YAML file at ``path``,
+    then ``key=value`` overrides, all checked."""
+    values: dict = dict(base or {})
     if path is not None:
         path = Path(path)
         if not path.is_file():
@@ -283,7 +294,7 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
         loaded = yaml.safe_load(path.read_text()) or {}
         if not isinstance(loaded, dict):
             raise ConfigError(f"{path}: expected a mapping at the top level")
-        values = loaded
+        values = _merge(values, loaded)
     for text in overrides or []:
         values = _merge(values, parse_override(text))
     return _build(Config, values)
@@ -321,6 +332,22 @@ def config_changes(old: dict, new: dict) -> list[str]:
         for key in sorted(before.keys() | after.keys())
         if key not in NON_RESULT_KEYS and before.get(key) != after.get(key)
     ]
+
+
+#: Settings a checkpoint's state is shaped by (the model's parameters, the dictionary's slots
+#: and what its features are, the optimizer's kind of state): a resume cannot change them.
+STATE_KEYS = ("model.name", "model.feature_point", "cosine.slots_per_class", "optim.name")
+
+
+def check_resumable(saved: dict, current: dict, path: str | Path) -> None:
+    """ConfigError naming the ``STATE_KEYS`` that differ between a checkpoint's config and this one."""
+    before, after = _flatten(saved), _flatten(current)
+    changed = [f"{key}: {before.get(key)!r} -> {after.get(key)!r}" for key in STATE_KEYS if before.get(key) != after.get(key)]
+    if changed:
+        raise ConfigError(
+            f"cannot resume from {path}: its state was made with other settings ({'; '.join(changed)}); "
+            "set them back, or start a new run with --resume none (or another output_dir)"
+        )
 
 
 def to_dict(config: Config) -> dict:

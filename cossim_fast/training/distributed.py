@@ -9,6 +9,8 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from cossim_fast.training.config import ConfigError
+
 
 @dataclass(frozen=True)
 class Context:
@@ -25,7 +27,7 @@ class Context:
 def _device(preference: str, local_rank: int) -> torch.device:
     if preference == "cuda" or (preference == "auto" and torch.cuda.is_available()):
         if not torch.cuda.is_available():
-            raise RuntimeError("train.device is 'cuda' but no CUDA device is available")
+            raise ConfigError("train.device is 'cuda' but no CUDA device is available (use auto or cpu)")
         torch.cuda.set_device(local_rank)
         return torch.device("cuda", local_rank)
     return torch.device("cpu")
@@ -56,6 +58,15 @@ def broadcast_buffers(model: nn.Module, context: Context) -> None:
     if context.world > 1:
         for buffer in model.buffers():
             dist.broadcast(buffer, src=0)
+
+
+def mean_over_ranks(tensor: torch.Tensor, context: Context | None) -> torch.Tensor:
+    """The mean of ``tensor`` over the ranks (itself with one rank)."""
+    if context is None or context.world == 1:
+        return tensor
+    total = tensor.clone()
+    dist.all_reduce(total)
+    return total / context.world
 
 
 def barrier(context: Context) -> None:

@@ -19,7 +19,7 @@ from cossim_fast.data import DATASETS, IGNORE_INDEX, NUM_CLASSES, generate_synth
 from cossim_fast.evaluation import ConfusionMatrix
 from cossim_fast.models import build_model
 from cossim_fast.training import checkpoint, distributed, memory, reporting
-from cossim_fast.training.config import Config, DomainConfig, config_changes, save_config, to_dict
+from cossim_fast.training.config import Config, DomainConfig, check_resumable, config_changes, save_config, to_dict
 from cossim_fast.training.source_loss import upsampled_cross_entropy
 from cossim_fast.training.streams import CachedDataset, batch_stream
 from cossim_fast.training.target_losses import class_shares, downsample_labels, entropy_loss, pseudo_labels
@@ -65,8 +65,13 @@ class StepStats:
             self.sums[name] = self.sums[name] + value if name in self.sums else value.clone()
             self.counts[name] = self.counts.get(name, 0) + 1
 
-    def means(self) -> dict[str, Any]:
-        result = {name: (total / self.counts[name]).tolist() for name, total in self.sums.items()}
+    def means(self, context: distributed.Context | None = None) -> dict[str, Any]:
+        """Means since the last call, over every rank's passes (the same names on every rank:
+        they depend on the config and the iteration only)."""
+        result = {
+            name: (distributed.mean_over_ranks(self.sums[name], context) / self.counts[name]).tolist()
+            for name in sorted(self.sums)
+        }
         self.sums, self.counts = {}, {}
         return result
 
@@ -94,8 +99,9 @@ class Trainer:
 
         model = build_model(
             config.model.name, NUM_CLASSES, pretrained=config.model.pretrained,
-            feature_point=config.model.feature_point, freeze_bn=config.model.freeze_bn or None,
+            feature_point=config.model.feature_point, freeze_bn=config.model.freeze_bn,
             activation_checkpointing=config.model.activation_checkpointing,
+            random_init_notice=config.model.init_from is None,
         ).to(self.device)
         if config.model.init_from:
             model.load_state_dict(checkpoint.load(config.model.init_from)["model"])
@@ -113,8 +119,7 @@ class Trainer:
         self.iteration = 0
         self.best_miou = -1.0
         self.history: list[dict[str, Any]] = []
-        if resume is not None:
-            self._resume(resume)
+        self._resume(resume)
         if self.context.is_main:
             self.run_dir.mkdir(parents=True, exist_ok=True)
             save_config(config, self.run_dir / "config.yaml")
@@ -138,15 +143,23 @@ class Trainer:
             return torch.optim.SGD(groups, lr=optim.lr, momentum=optim.momentum, weight_decay=optim.weight_decay)
         return torch.optim.AdamW(groups, lr=optim.lr, weight_decay=optim.weight_decay)
 
-    def _resume(self, resume: str) -> None:
-        path = self.run_dir / CHECKPOINT_DIR / "last.pt" if resume == "auto" else Path(resume)
-        if resume == "auto" and not path.is_file():
+    def _resume(self, resume: str | None) -> None:
+        path = None if resume is None else Path(resume)
+        if resume == "auto":
+            path = self.run_dir / CHECKPOINT_DIR / "last.pt"
+            path = path if path.is_file() else None
+        if path is None:
+            self._start_fresh()
             return
         # On the CPU: torch wants CPU RNG states; load_state_dict copies the rest to the device.
         state = checkpoint.load(path)
+        saved_config = json.loads(state["config"])
+        check_resumable(saved_config, to_dict(self.config), path)
         self.model.load_state_dict(state["model"])
         self.optimizer.load_state_dict(state["optimizer"])
-        self.scaler.load_state_dict(state["scaler"])
+        self._apply_optimizer_settings()
+        if state["scaler"]:  # empty when saved without fp16 loss scaling: a new scaler starts afresh
+            self.scaler.load_state_dict(state["scaler"])
         self.dictionary.load_state_dict(state["dictionary"])
         self.iteration = state["iteration"]
         self.best_miou = state["best_miou"]
@@ -154,10 +167,35 @@ class Trainer:
         checkpoint.set_rng_state(state["rng"])
         if self.context.is_main:
             print(f"resumed from {path} at iteration {self.iteration}")
-            changed = config_changes(json.loads(state["config"]), to_dict(self.config))
+            changed = config_changes(saved_config, to_dict(self.config))
             if changed:
                 print(f"warning: the config differs from the one {path} was trained with: {'; '.join(changed)}")
+            world = state.get("world", 1)
+            if world != self.context.world:
+                print(f"warning: {path} was trained by {world} process(es), this run has {self.context.world}: batch "
+                      "sizes are per process, so the global batch and the order of the samples change")
             reporting.rewrite_metrics(self.history, self.run_dir)  # drop rows logged after this checkpoint
+
+    def _start_fresh(self) -> None:
+        """A new run: the folder's metrics are the old run's (or a run that crashed before its
+        first checkpoint), so they go; its checkpoints are replaced as this run saves its own."""
+        if not self.context.is_main:
+            return
+        if (self.run_dir / "metrics.jsonl").exists():
+            reporting.rewrite_metrics([], self.run_dir)
+        if any((self.run_dir / CHECKPOINT_DIR).glob("*.pt")):
+            print(f"starting a new run in {self.run_dir}: the checkpoints there are replaced as this run saves")
+
+    def _apply_optimizer_settings(self) -> None:
+        """The configured hyperparameters over those a checkpoint's optimizer state brought back
+        (``lr`` is set every iteration from the schedule)."""
+        optim = self.config.optim
+        fresh = self.model.parameter_groups(optim.lr, head_lr_mult=optim.head_lr_mult)
+        for group, new in zip(self.optimizer.param_groups, fresh, strict=True):
+            group["lr_mult"] = new["lr_mult"]
+            group["weight_decay"] = optim.weight_decay
+            if optim.name == "sgd":
+                group["momentum"] = optim.momentum
 
     def save_checkpoint(self, name: str) -> None:
         if not self.context.is_main:
@@ -172,6 +210,7 @@ class Trainer:
             "history": [json.dumps(row) for row in self.history],
             "rng": checkpoint.rng_state(),
             "config": json.dumps(to_dict(self.config)),
+            "world": self.context.world,
         }
         checkpoint.save_atomic(payload, self.run_dir / CHECKPOINT_DIR / f"{name}.pt")
 
@@ -191,8 +230,9 @@ class Trainer:
     def _backward(self, loss: torch.Tensor) -> None:
         self.scaler.scale(loss / self.config.train.grad_accum).backward()
 
-    def _micro_step(self, source, target, iteration: int, last: bool) -> dict[str, torch.Tensor]:
+    def _micro_step(self, source, target, iteration: int, micro: int) -> dict[str, torch.Tensor]:
         config = self.config
+        last = micro == config.train.grad_accum - 1
         images, labels = (t.to(self.device, non_blocking=True) for t in source)
         weight = loss_weight(config, iteration)
         needs_target = weight > 0 or config.entropy.weight > 0
@@ -204,7 +244,9 @@ class Trainer:
         stats = {"loss_ce": ce}
         check = iteration % config.train.check_values_every == 0
         if config.cosine.enabled:  # during the loss's warm-up too: the bank is full when it starts
-            generator = torch.Generator(device=self.device).manual_seed(config.seed * 7_919 + iteration)
+            # One draw per pass (with grad_accum > 1, each pass's rows get their own order).
+            step = iteration * config.train.grad_accum + micro
+            generator = torch.Generator(device=self.device).manual_seed(config.seed * 7_919 + step)
             self.dictionary.update(
                 out.features.detach().float(), downsample_labels(labels, out.features.shape[-2:]),
                 max_per_class=config.cosine.max_per_class, generator=generator, check_values=check,
@@ -256,7 +298,7 @@ class Trainer:
         self.net.train()
         stats = StepStats()
         bar = reporting.progress(config.train.iterations, self.iteration, "train", enabled=self.progress)
-        window_start, result = time.perf_counter(), {}
+        window_start, window_first, paused, result = time.perf_counter(), self.iteration, 0.0, {}
         while self.iteration < stop:
             iteration = self.iteration
             factor = poly_factor(config, iteration)
@@ -264,8 +306,7 @@ class Trainer:
                 group["lr"] = config.optim.lr * factor * group["lr_mult"]
             try:  # the step: its passes, and the optimizer's state on the first one
                 for micro in range(config.train.grad_accum):
-                    last = micro == config.train.grad_accum - 1
-                    stats.add(self._micro_step(next(streams[0]), next(streams[1]), iteration, last))
+                    stats.add(self._micro_step(next(streams[0]), next(streams[1]), iteration, micro))
                 self.scaler.step(self.optimizer)
             except torch.cuda.OutOfMemoryError as error:
                 raise memory.out_of_memory(error, config, iteration) from error
@@ -276,18 +317,20 @@ class Trainer:
 
             done = self.iteration == config.train.iterations
             if self.iteration % config.train.log_every == 0 or done:
-                elapsed = time.perf_counter() - window_start
-                row = {"iteration": self.iteration, **stats.means(), "lr": config.optim.lr * factor,
+                elapsed = time.perf_counter() - window_start - paused  # training alone
+                row = {"iteration": self.iteration, **stats.means(self.context), "lr": config.optim.lr * factor,
                        "weight_cos": loss_weight(config, iteration),
-                       "it_per_s": config.train.log_every / elapsed if not done else float("nan"),
+                       "it_per_s": (self.iteration - window_first) / elapsed,
                        "peak_mib": memory.peak_memory_mib(self.device)}
                 self._log(row, bar)
-                window_start = time.perf_counter()
+                window_start, window_first, paused = time.perf_counter(), self.iteration, 0.0
+            pause_start = time.perf_counter()
             if self.iteration % config.train.eval_every == 0 or done:
                 result = self.evaluate_and_keep(done)
                 self.net.train()
             elif self.iteration % config.train.checkpoint_every == 0:
                 self.save_checkpoint("last")
+            paused += time.perf_counter() - pause_start
         bar.close()
         if self.iteration < config.train.iterations:
             self.save_checkpoint("last")

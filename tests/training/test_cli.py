@@ -18,6 +18,18 @@ def test_train_then_evaluate(tiny_data, tmp_path, capsys):
     assert "mIoU19" in capsys.readouterr().out
 
 
+def test_evaluate_takes_overrides_on_the_checkpoints_config(tiny_data, tmp_path, capsys):
+    overrides = tiny_overrides(tiny_data, tmp_path / "run", "train.iterations=2", "train.eval_every=2")
+    assert cli.main(["train", *_sets(overrides)]) == 0
+    last = str(tmp_path / "run" / "checkpoints" / "last.pt")
+    assert cli.main(["evaluate", last, "--set", f"data.val.root={tmp_path / 'elsewhere'}"]) == 2
+    assert "elsewhere" in capsys.readouterr().err  # the override was used, not silently dropped
+    assert cli.main(["evaluate", last, "--set", "data.protocols=[19, 16]"]) == 0
+    assert "mIoU16" in capsys.readouterr().out
+    assert cli.main(["evaluate", last, "--set", "model.name=deeplabv2_resnet18"]) == 2
+    assert "holds a deeplabv2_small" in capsys.readouterr().err
+
+
 def test_generate_data(tmp_path, capsys):
     sets = _sets([f"data.synthetic.root={tmp_path}", "data.synthetic.num_source=2", "data.synthetic.num_target_train=2",
                   "data.synthetic.num_target_val=2", "data.synthetic.size=[32, 16]"])

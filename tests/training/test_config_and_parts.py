@@ -37,6 +37,9 @@ def test_shipped_configs_load(name):
         ("cosine:\n  max_per_class: 0\n", "cosine.max_per_class: expected >= 1"),
         ("cosine:\n  pseudo_threshold: 1.0\n", r"cosine.pseudo_threshold: expected in \[0, 1\)"),
         ("optim:\n  lr: -1\n", "optim.lr: expected > 0, got -1.0"),
+        ("model:\n  name: deeplabv2_resnet1O1\n", r"model.name: expected one of \('deeplabv2_resnet18'"),
+        ("seed: 100000000000000\n", r"seed: expected in \[0, 4294967295\]"),
+        ("optim:\n  lr: fast\n", "optim.lr: expected float, got str 'fast'"),
     ],
 )
 def test_bad_config_files_name_the_key(tmp_path, text, match):
@@ -50,6 +53,32 @@ def test_configs_from_checkpoints_are_checked_too():
     with pytest.raises(ConfigError, match="train.eval_every: expected >= 1"):
         config_from_dict({"train": {"eval_every": 0}})
     assert config_from_dict({"cosine": {"max_per_class": None, "class_cap": None}}).cosine.class_cap is None
+
+
+def test_learning_rates_in_scientific_notation_and_freeze_bn_auto():
+    # YAML 1.1 reads 1e-4 (no dot) as a string: it is still the float users mean.
+    assert load_config(None, ["optim.lr=1e-4"]).optim.lr == 1e-4
+    assert load_config(None, []).model.freeze_bn is None  # auto: frozen exactly with pretrained weights
+    assert load_config(None, ["model.freeze_bn=false"]).model.freeze_bn is False
+
+
+def test_a_base_config_under_the_file_and_overrides(tmp_path):
+    path = tmp_path / "more.yaml"
+    path.write_text("cosine:\n  weight: 0.3\n")
+    base = {"cosine": {"weight": 0.2, "mode": "all"}, "seed": 5}
+    config = load_config(path, ["seed=6"], base=base)
+    assert (config.cosine.weight, config.cosine.mode, config.seed) == (0.3, "all", 6)
+
+
+def test_cuda_rng_states_of_more_gpus_than_this_machine_has(monkeypatch):
+    # A checkpoint from an 8-GPU node resumed on 1 GPU: only the GPUs that exist take a state.
+    state = checkpoint.rng_state() | {"cuda": [torch.zeros(16, dtype=torch.uint8)] * 8}
+    restored = []
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    monkeypatch.setattr(torch.cuda, "set_rng_state", lambda state, index: restored.append(index))
+    checkpoint.set_rng_state(state)
+    assert restored == [0]
 
 
 def test_overrides_defaults_and_round_trip(tmp_path):

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from cossim_fast.data import DatasetError
-from cossim_fast.training import Trainer, checkpoint
+from cossim_fast.training import ConfigError, Trainer, checkpoint
 from cossim_fast.training import trainer as trainer_module
 from cossim_fast.training.trainer import loss_weight
 
@@ -87,6 +87,61 @@ def test_resume_drops_rows_logged_after_the_checkpoint_and_names_config_changes(
     assert "log_every" not in out and "activation_checkpointing" not in out  # how it runs, not what
     rows = [json.loads(line) for line in open(metrics)]
     assert max(row["iteration"] for row in rows) == 4 and len(rows) == len(resumed.history)
+
+
+def test_resume_takes_the_new_optimizer_settings(tiny_config):
+    Trainer(tiny_config(output="run"), progress=False).train(until=2)
+    resumed = Trainer(tiny_config("optim.weight_decay=0.01", "optim.momentum=0.5", "optim.head_lr_mult=2.0",
+                                  output="run"), progress=False)
+    assert resumed.iteration == 2
+    groups = resumed.optimizer.param_groups
+    assert all(g["weight_decay"] == 0.01 and g["momentum"] == 0.5 for g in groups)
+    assert sorted(g["lr_mult"] for g in groups) == [1.0, 2.0]
+    assert len(resumed.optimizer.state) > 0  # the momentum buffers came back
+
+
+@pytest.mark.parametrize("change", ["optim.name=adamw", "cosine.slots_per_class=32", "model.feature_point=pre_activation"])
+def test_resume_refuses_settings_its_state_was_not_made_with(tiny_config, change):
+    Trainer(tiny_config(output="run"), progress=False).train(until=2)
+    key = change.split("=")[0]
+    with pytest.raises(ConfigError, match=rf"cannot resume from .*last\.pt.*{key}"):
+        Trainer(tiny_config(change, output="run"), progress=False)
+    Trainer(tiny_config(change, output="run"), resume=None, progress=False)  # a new run may
+
+
+def test_resume_into_fp16_loss_scaling_starts_a_new_scaler(tiny_config, monkeypatch):
+    Trainer(tiny_config(output="run"), progress=False).train(until=2)  # no scaling: its state is empty
+    assert checkpoint.load(tiny_config(output="run").output_dir + "/checkpoints/last.pt")["scaler"] == {}
+    resumed = Trainer(tiny_config("train.amp=fp16", output="run"), progress=False)
+    assert resumed.iteration == 2 and resumed.scaler.is_enabled()
+
+
+def test_a_new_run_in_an_old_folder_starts_its_metrics_afresh(tiny_config, capsys):
+    config = tiny_config("train.iterations=4", "train.eval_every=4")
+    Trainer(config, progress=False).train()
+    Trainer(config, resume=None, progress=False).train()
+    assert "starting a new run" in capsys.readouterr().out
+    rows = [json.loads(line) for line in open(config.output_dir + "/metrics.jsonl")]
+    assert [row["iteration"] for row in rows] == [2, 4, 4]  # one run's rows: two logs, one evaluation
+    assert all(row["it_per_s"] > 0 for row in rows if "it_per_s" in row)
+
+
+def test_freeze_bn_false_holds_with_pretrained_weights(tiny_config, tmp_path):
+    from cossim_fast.models import build_model
+
+    backbone = build_model("deeplabv2_small", 19, random_init_notice=False).backbone
+    path = tmp_path / "backbone.pth"
+    torch.save(dict(backbone.state_dict()), path)  # torchvision's layout, without the classifier
+    for setting, frozen in (("false", False), ("true", True), ("null", True)):  # null: frozen with weights
+        trainer = Trainer(tiny_config(f"model.pretrained={path}", f"model.freeze_bn={setting}", output=setting), progress=False)
+        assert trainer.model.backbone.freeze_bn is frozen, setting
+
+
+def test_a_write_killed_midway_leaves_no_temporary_behind_the_next_save(tmp_path):
+    stale = tmp_path / ".last.pt.abc123.tmp"  # what SIGKILL during a save leaves
+    stale.write_bytes(b"partial")
+    checkpoint.save_atomic({"iteration": 1}, tmp_path / "last.pt")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["last.pt"]
 
 
 def test_finished_run_says_so_and_returns_its_last_evaluation(tiny_config, capsys):
