@@ -157,6 +157,41 @@ def test_triton_slot_splits_extra_memory_per_row(monkeypatch):
     assert per_row < WORKSPACE_BYTES_PER_ROW, f"{splits} splits: {per_row:.1f} bytes per row"
 
 
+CHECK_SCRIPT = r"""
+import json, sys
+import torch
+from bench.memprobe import PeakMeter
+from cossim_fast.contract.inputs import check_feature_values
+torch.set_num_threads(1)
+features = torch.randn(4, 64 * 2**20 // (4 * 256 * 4), 256).to(getattr(torch, sys.argv[1]))  # 64 MiB as fp32
+check_feature_values(features[:, :8])  # warm-up
+meter = PeakMeter()
+meter.start()
+check_feature_values(features)
+print(json.dumps({"extra_mib": meter.stop() / 2**20}))
+"""
+
+
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_value_checks_copy_nothing_of_the_features(dtype):
+    # On by default, on every loss call and update: a float64 cast of the N x C features (inside
+    # the reduction, where no allocation ledger sees it) doubled or quadrupled their memory.
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    result = subprocess.run([sys.executable, "-c", CHECK_SCRIPT, dtype], env=env, capture_output=True, text=True,
+                            timeout=300, cwd=ROOT)
+    assert result.returncode == 0, result.stderr
+    extra = json.loads(result.stdout.strip().splitlines()[-1])["extra_mib"]
+    assert extra < 8, f"the value check took {extra:.1f} MiB beyond 64 MiB of features"
+
+
+def test_value_checks_pass_finite_float64_whose_sum_overflows():
+    import torch
+
+    from cossim_fast.contract.inputs import check_feature_values
+
+    check_feature_values(torch.full((3, 4), 1e308, dtype=torch.float64))
+
+
 def test_allocation_ledger_sees_allocations_views_and_frees():
     import torch
 

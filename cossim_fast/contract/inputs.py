@@ -154,8 +154,12 @@ def _first_bad(mask: Tensor) -> int:
 
 
 def check_feature_values(features: Tensor) -> None:
-    """Features must be finite (a NaN would poison the argmax and the dictionary)."""
-    if features.numel() and not torch.isfinite(features.sum(dtype=torch.float64)):
+    """Features must be finite (a NaN would poison the argmax and the dictionary).
+
+    The largest and smallest values carry any NaN or inf and need no copy of the features (a
+    float64 sum would cast all of them first, and could overflow on finite float64 values).
+    """
+    if features.numel() and not (torch.isfinite(features.amax()) & torch.isfinite(features.amin())):
         flat = features.reshape(-1, features.shape[-1])
         row = _first_bad(~torch.isfinite(flat).all(dim=1))
         raise ValueError(f"features contain NaN or inf (first at row {row}); pass check_values=False to skip this check")
