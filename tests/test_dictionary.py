@@ -177,3 +177,15 @@ def test_update_with_strided_labels(backend):
     plain.update(features, labels, backend=backend)
     viewed.update(features, strided, backend=backend)
     assert torch.equal(plain.bank, viewed.bank) and torch.equal(plain.counts, viewed.counts)
+
+
+def test_a_refused_update_leaves_the_generator_as_it_was():
+    # Value checks run before the visiting order is drawn: a caller may fix the input and retry
+    # with the same draw.
+    dictionary = cossim_fast.FeatureDictionary(3, 4, 5)
+    features, labels = torch.randn(6, 5), torch.tensor([0, 1, 2, 0, 1, 7])
+    generator = torch.Generator().manual_seed(0)
+    before = generator.get_state()
+    with pytest.raises(ValueError, match="labels must be in"):
+        dictionary.update(features, labels, generator=generator)
+    assert torch.equal(generator.get_state(), before) and dictionary.counts.sum() == 0

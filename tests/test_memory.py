@@ -184,6 +184,35 @@ def test_value_checks_copy_nothing_of_the_features(dtype):
     assert extra < 8, f"the value check took {extra:.1f} MiB beyond 64 MiB of features"
 
 
+UPDATE_SCRIPT = r"""
+import json
+import torch
+import cossim_fast
+from bench.memprobe import PeakMeter
+torch.set_num_threads(1)
+rows, dim = 131072, 256  # bf16 features of 64 MiB, as a B x C x H x W map
+features = torch.randn(1, dim, 256, 512).to(torch.bfloat16)
+labels = torch.randint(0, 19, (1, 256, 512))
+dictionary = cossim_fast.FeatureDictionary(19, 64, dim, dtype=torch.bfloat16)
+dictionary.update(features[..., :8, :8], labels[..., :8, :8])  # warm-up
+meter = PeakMeter()
+meter.start()
+dictionary.update(features, labels, max_per_class=64, generator=torch.Generator().manual_seed(0))
+print(json.dumps({"extra_mib": meter.stop() / 2**20}))
+"""
+
+
+def test_dictionary_update_of_16bit_features_stays_within_the_workspace():
+    # The row norms in fp32 of 16-bit features: cast a chunk at a time on the CPU, not all of
+    # them (measured before: 128 MiB beyond 64 MiB of bf16 features).
+    env = dict(os.environ, COSSIM_FAST_WORKSPACE_MB=str(WORKSPACE_MIB), OMP_NUM_THREADS="1")
+    result = subprocess.run([sys.executable, "-c", UPDATE_SCRIPT], env=env, capture_output=True, text=True, timeout=300, cwd=ROOT)
+    assert result.returncode == 0, result.stderr
+    extra = json.loads(result.stdout.strip().splitlines()[-1])["extra_mib"]
+    per_row_mib = 131072 * 16 / 2**20  # the visiting order and the norms, and the backend's per-row state
+    assert extra < WORKSPACE_MIB + per_row_mib, f"{extra:.1f} MiB"
+
+
 def test_value_checks_pass_finite_float64_whose_sum_overflows():
     import torch
 

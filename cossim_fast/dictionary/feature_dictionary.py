@@ -5,12 +5,28 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
-import cossim_fast.ops.custom_ops  # noqa: F401  (registers torch.ops.cossim_fast.update_dictionary)
 from cossim_fast.backends import dispatch
 from cossim_fast.backends.reference import EPS
+from cossim_fast.backends.rows import chunk_length, image_chunks, row_slice
 from cossim_fast.contract import inputs
 from cossim_fast.dictionary.distributed import gather_from_all_ranks, world_size
+from cossim_fast.ops import custom_ops  # also registers torch.ops.cossim_fast.update_dictionary
 from cossim_fast.ops.loss import cosine_similarity_loss, max_cosine_similarity
+
+
+def row_norms(source: Tensor) -> Tensor:
+    """``max(||f_i||, eps)`` per row of a ``(B, P, C)`` view, in fp32 (METHOD.md 5's denominator).
+
+    On the CPU a norm taken in fp32 of other dtypes casts the whole input first, so those rows
+    go a workspace-sized chunk at a time; CUDA reductions upcast as they read.
+    """
+    if source.dtype == torch.float32 or source.is_cuda:
+        return torch.linalg.vector_norm(source, dim=2, dtype=torch.float32).clamp_min(EPS).reshape(-1)
+    num_images, points, dim = source.shape
+    norms = torch.empty(num_images * points, dtype=torch.float32, device=source.device)
+    for start, stop in image_chunks(num_images, points, chunk_length(dim * 4)):
+        norms[start:stop] = torch.linalg.vector_norm(row_slice(source, start, stop), dim=1, dtype=torch.float32)
+    return norms.clamp_min_(EPS)
 
 _BANK_DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
 
@@ -96,13 +112,14 @@ class FeatureDictionary(nn.Module):
         if self.sync_distributed and world_size() > 1:
             flat, source_labels = gather_from_all_ranks(source.reshape(-1, self.dim), source_labels, ignore_index)
             source = flat.unsqueeze(0)
+        if inputs.value_checks_enabled(check_values):  # before the generator moves: a refused update changes nothing
+            custom_ops.check_update_values(self.bank, self.counts, self.ptr, source, source_labels, ignore_index)
         order = None
         if generator is not None:
             order = torch.randperm(source_labels.numel(), generator=generator, device=generator.device).to(self.bank.device)
-        denom = torch.linalg.vector_norm(source, dim=2, dtype=torch.float32).clamp_min(EPS).reshape(-1)
         torch.ops.cossim_fast.update_dictionary(
-            self.bank, self.counts, self.ptr, source, source_labels, order, denom, cap, ignore_index, backend,
-            inputs.value_checks_enabled(check_values),
+            self.bank, self.counts, self.ptr, source, source_labels, order, row_norms(source), cap, ignore_index, backend,
+            False,  # checked above
         )
 
     def lookup(self, features: Tensor, labels: Tensor, *, ignore_index: int = 255, backend: str = "auto") -> tuple[Tensor, Tensor]:

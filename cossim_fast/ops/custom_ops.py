@@ -21,6 +21,12 @@ def _check(features: Tensor, labels: Tensor, bank: Tensor, counts: Tensor, ignor
     inputs.check_slot_values("counts", counts, 0, bank.shape[1])
 
 
+def check_update_values(bank: Tensor, counts: Tensor, ptr: Tensor, features: Tensor, labels: Tensor, ignore_index: int) -> None:
+    """The data-reading checks of ``update_dictionary`` (each reads the data: a host sync on GPU)."""
+    _check(features, labels, bank, counts, ignore_index)
+    inputs.check_slot_values("ptr", ptr, 0, bank.shape[1] - 1)
+
+
 @torch.library.custom_op("cossim_fast::max_cosine_forward", mutates_args=())
 def max_cosine_forward(
     features: Tensor, labels: Tensor, bank: Tensor, counts: Tensor, ignore_index: int, backend: str, check_values: bool
@@ -111,8 +117,7 @@ def update_dictionary(
     check_values: bool,
 ) -> None:
     if check_values:
-        _check(features, labels, bank, counts, ignore_index)
-        inputs.check_slot_values("ptr", ptr, 0, bank.shape[1] - 1)
+        check_update_values(bank, counts, ptr, features, labels, ignore_index)
     chosen = dispatch.select("update", backend, bank.device, bank.dtype, features.dtype, dim=bank.shape[2], rows=labels.numel())
     chosen.update(bank, counts, ptr, features, labels, order, denom, max_per_class, ignore_index)
 
