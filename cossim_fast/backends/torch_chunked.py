@@ -17,19 +17,22 @@ from cossim_fast.backends import gradients
 from cossim_fast.backends.base import Backend
 from cossim_fast.backends.reference import EPS, accumulation_dtype
 from cossim_fast.backends.ring_buffer import ring_buffer_update_torch
+from cossim_fast.backends import rows as row_access
 from cossim_fast.backends.rows import chunk_length, gather_rows
 from cossim_fast.backends.schedule import group_by_class
 
 
 def class_blocks(
-    labels: Tensor, counts: Tensor, bank: Tensor, per_pair: int = 8, per_channel: int = 4
+    labels: Tensor, counts: Tensor, bank: Tensor, acc: torch.dtype, per_pair: int = 8, per_channel: int = 4
 ) -> Iterator[tuple[Tensor, Tensor, int]]:
     """Yield ``(rows, bucket, slot_offset)``: rows of one class against a chunk of its valid slots.
 
     The row and slot chunks are sized so that ``per_pair`` bytes per (row, slot) and
-    ``per_channel`` bytes per (row, channel), what the caller keeps alive at once, fit the workspace.
+    ``per_channel`` bytes per (row, channel), what the caller keeps alive at once, fit the
+    workspace, beside the bucket chunk's copy in ``acc`` where the bank is in another dtype.
     """
     num_classes, slots, dim = bank.shape
+    acc_size = torch.empty(0, dtype=acc).element_size()
     groups = group_by_class(labels, num_classes)
     by_class = groups.rows
     host = torch.cat([groups.per_class, counts]).tolist()  # the one host sync
@@ -41,10 +44,19 @@ def class_blocks(
         if n_valid > 0:
             for first_slot in range(0, n_valid, slot_chunk):
                 bucket = bank[k, first_slot : min(n_valid, first_slot + slot_chunk)]
-                row_chunk = chunk_length(bucket.shape[0] * per_pair + dim * per_channel)
+                bucket_copy = bucket.numel() * acc_size if bank.dtype != acc else 0
+                row_chunk = chunk_length(
+                    bucket.shape[0] * per_pair + dim * per_channel, max(1, row_access.WORKSPACE_BYTES - bucket_copy)
+                )
                 for first_row in range(start, start + n_rows, row_chunk):
                     yield by_class[first_row : min(start + n_rows, first_row + row_chunk)], bucket, first_slot
         start += n_rows
+
+
+def _row_copy_bytes(features: Tensor, acc: torch.dtype) -> int:
+    """Bytes per channel of a gathered row in ``acc``: the gather, then the cast if one is needed."""
+    acc_size = torch.empty(0, dtype=acc).element_size()
+    return acc_size + (features.element_size() if features.dtype != acc else 0)
 
 
 def _normalized_dots(features: Tensor, rows: Tensor, bucket: Tensor, acc: torch.dtype) -> tuple[Tensor, Tensor]:
@@ -64,7 +76,7 @@ class TorchBackend(Backend):
         acc = accumulation_dtype(features.dtype)
         values = torch.full(labels.shape, float("-inf"), dtype=acc, device=labels.device)
         indices = torch.full(labels.shape, -1, dtype=torch.int64, device=labels.device)
-        for rows, bucket, first_slot in class_blocks(labels, counts, bank):
+        for rows, bucket, first_slot in class_blocks(labels, counts, bank, acc, per_channel=_row_copy_bytes(features, acc)):
             dots, inv_norm = _normalized_dots(features, rows, bucket, acc)
             best = dots.argmax(dim=1)  # first maximal value: lowest slot in this chunk
             sims = dots.gather(1, best[:, None]).squeeze(1) * inv_norm
@@ -85,8 +97,9 @@ class TorchBackend(Backend):
         dsum = torch.zeros(num_rows, dim, dtype=acc, device=labels.device)
         # In place, one float block per chunk: similarities, then the selected ones, then the
         # selection as weights (6 bytes per pair at the peak, with the two boolean masks).
-        # Per row: its fp32 copy and its share of dsum (the rows of a chunk are distinct).
-        for rows, bucket, _ in class_blocks(labels, counts, bank, per_pair=6, per_channel=8):
+        # Per row: its copy in acc and its share of dsum (the rows of a chunk are distinct).
+        row_bytes = _row_copy_bytes(features, acc) + torch.empty(0, dtype=acc).element_size()
+        for rows, bucket, _ in class_blocks(labels, counts, bank, acc, per_pair=6, per_channel=row_bytes):
             block, inv_norm = _normalized_dots(features, rows, bucket, acc)
             block.mul_(inv_norm[:, None])
             selected = block > threshold
