@@ -43,6 +43,7 @@ def test_opcheck_update_op():
     order = torch.randperm(12)
     args = (bank, counts, ptr, features, labels, order, denom, 2, 255, "torch", True)
     torch.library.opcheck(torch.ops.cossim_fast.update_dictionary, args)
+    torch.library.opcheck(torch.ops.cossim_fast.check_update_values, (bank, counts, ptr, features, labels, 255))
 
 
 COMPILE_BACKENDS = ["auto"] + [b for b in cossim_fast.available_backends("cpu") if b == "triton"]

@@ -21,10 +21,17 @@ def _check(features: Tensor, labels: Tensor, bank: Tensor, counts: Tensor, ignor
     inputs.check_slot_values("counts", counts, 0, bank.shape[1])
 
 
+# An op of its own so that torch.compile treats its data-dependent branches as one opaque call.
+@torch.library.custom_op("cossim_fast::check_update_values", mutates_args=())
 def check_update_values(bank: Tensor, counts: Tensor, ptr: Tensor, features: Tensor, labels: Tensor, ignore_index: int) -> None:
     """The data-reading checks of ``update_dictionary`` (each reads the data: a host sync on GPU)."""
     _check(features, labels, bank, counts, ignore_index)
     inputs.check_slot_values("ptr", ptr, 0, bank.shape[1] - 1)
+
+
+@check_update_values.register_fake
+def _(bank, counts, ptr, features, labels, ignore_index):
+    return None
 
 
 @torch.library.custom_op("cossim_fast::max_cosine_forward", mutates_args=())
