@@ -28,6 +28,7 @@ def row_norms(source: Tensor) -> Tensor:
         norms[start:stop] = torch.linalg.vector_norm(row_slice(source, start, stop), dim=1, dtype=torch.float32)
     return norms.clamp_min_(EPS)
 
+
 _BANK_DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
 
 
@@ -42,7 +43,10 @@ class FeatureDictionary(nn.Module):
 
     Buffers: ``bank`` (K x M x C), ``counts`` (valid slots per class) and ``ptr`` (next slot to
     write), all saved in the state dict. Under ``torch.distributed`` (and ``sync_distributed``),
-    ``update`` gathers every rank's rows first so all ranks keep identical dictionaries.
+    ``update`` gathers every rank's rows first so all ranks keep identical dictionaries; a
+    ``generator`` must then be seeded alike on every rank (the trainer's are), or their random
+    orders, and so their dictionaries, differ. The gather reads the ranks' row counts on the host
+    (one synchronization per update; the single-process update has none).
     """
 
     def __init__(
