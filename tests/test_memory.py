@@ -63,22 +63,20 @@ def test_torch_backend_memory_is_bounded_by_its_workspace(mode):
     assert chunked < 0.25 * reference
 
 
-@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
-@pytest.mark.parametrize("mode", ["max", "all"])
-def test_torch_backend_blocks_fit_the_workspace(mode, dtype, monkeypatch):
-    """Counted op by op (allocation ledger): the peak of a forward stays within the workspace plus
-    per-row state, whichever temporaries the mode keeps alive at once."""
+WORKSPACE_4MIB = 4 * 2**20
+
+
+def _torch_forward_extra_bytes(monkeypatch, mode: str, dtype: str, num_rows: int, num_classes: int, slots: int, dim: int) -> int:
+    """Peak bytes the torch backend's forward allocates beyond its outputs, op by op (allocation
+    ledger), in a 4 MiB workspace; 16-bit rows and buckets are also copied to fp32 (counted too)."""
     import torch
 
     from allocation_ledger import AllocationLedger
     from cossim_fast.backends import rows, torch_chunked
 
-    workspace = 4 * 2**20
-    monkeypatch.setattr(rows, "WORKSPACE_BYTES", workspace)
-    monkeypatch.setattr(torch_chunked, "chunk_length", lambda size, budget=workspace: rows.chunk_length(size, budget))
-    num_rows, num_classes, slots, dim = 8192, 2, 4096, 16  # two classes: 4096 x 4096 pairs each, 64 MiB in fp32
+    monkeypatch.setattr(rows, "WORKSPACE_BYTES", WORKSPACE_4MIB)
+    monkeypatch.setattr(torch_chunked, "chunk_length", lambda size, budget=WORKSPACE_4MIB: rows.chunk_length(size, budget))
     gen = torch.Generator().manual_seed(0)
-    # 16-bit inputs: each block's rows and bucket are also copied to fp32 (counted too).
     bank = torch.nn.functional.normalize(torch.randn(num_classes, slots, dim, generator=gen), dim=2).to(getattr(torch, dtype))
     counts = torch.full((num_classes,), slots)
     features = torch.randn(1, num_rows, dim, generator=gen).to(bank.dtype)
@@ -89,9 +87,18 @@ def test_torch_backend_blocks_fit_the_workspace(mode, dtype, monkeypatch):
             outputs = backend.max_forward(features, labels, bank, counts, 255)
         else:
             outputs = backend.all_forward(features, labels, bank, counts, 0.0, 255)
-    kept = sum(t.untyped_storage().nbytes() for t in outputs)
+    return ledger.peak - sum(t.untyped_storage().nbytes() for t in outputs)
+
+
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+@pytest.mark.parametrize("mode", ["max", "all"])
+def test_torch_backend_blocks_fit_the_workspace(mode, dtype, monkeypatch):
+    """Counted op by op (allocation ledger): the peak of a forward stays within the workspace plus
+    per-row state, whichever temporaries the mode keeps alive at once."""
+    num_rows, dim = 8192, 16  # two classes: 4096 x 4096 pairs each, 64 MiB in fp32
+    extra = _torch_forward_extra_bytes(monkeypatch, mode, dtype, num_rows, 2, 4096, dim)
     per_row_state = num_rows * (dim * 4 + 64)  # the rows of a chunk, grouping and index buffers
-    assert ledger.peak - kept <= workspace + per_row_state, f"{(ledger.peak - kept) / 2**20:.1f} MiB"
+    assert extra <= WORKSPACE_4MIB + per_row_state, f"{extra / 2**20:.1f} MiB"
 
 
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
@@ -99,27 +106,9 @@ def test_torch_backend_blocks_fit_the_workspace(mode, dtype, monkeypatch):
 def test_torch_backend_wide_16bit_rows_fit_the_workspace(mode, dtype, monkeypatch):
     """Wide rows (C = 2048) against few slots: the rows' copies dominate, and 16-bit rows and
     buckets have a native and an fp32 copy each (5.7 MiB in a 4 MiB workspace before they counted)."""
-    import torch
-
-    from allocation_ledger import AllocationLedger
-    from cossim_fast.backends import rows, torch_chunked
-
-    workspace = 4 * 2**20
-    monkeypatch.setattr(rows, "WORKSPACE_BYTES", workspace)
-    monkeypatch.setattr(torch_chunked, "chunk_length", lambda size, budget=workspace: rows.chunk_length(size, budget))
-    num_rows, dim = 4096, 2048
-    gen = torch.Generator().manual_seed(0)
-    bank = torch.nn.functional.normalize(torch.randn(2, 64, dim, generator=gen), dim=2).to(getattr(torch, dtype))
-    features = torch.randn(1, num_rows, dim, generator=gen).to(bank.dtype)
-    labels, counts = torch.arange(num_rows) % 2, torch.full((2,), 64)
-    backend = torch_chunked.TorchBackend()
-    with AllocationLedger() as ledger:
-        if mode == "max":
-            outputs = backend.max_forward(features, labels, bank, counts, 255)
-        else:
-            outputs = backend.all_forward(features, labels, bank, counts, 0.0, 255)
-    kept = sum(t.untyped_storage().nbytes() for t in outputs)
-    assert ledger.peak - kept <= workspace + num_rows * 64, f"{(ledger.peak - kept) / 2**20:.2f} MiB"
+    num_rows = 4096
+    extra = _torch_forward_extra_bytes(monkeypatch, mode, dtype, num_rows, 2, 64, 2048)
+    assert extra <= WORKSPACE_4MIB + num_rows * 64, f"{extra / 2**20:.2f} MiB"
 
 
 # --- workspace per row of the fused backends (the Triton issue's "< 64 bytes per target row") ---
