@@ -117,7 +117,7 @@ def test_torch_backend_split_into_many_chunks_matches_reference(mode, monkeypatc
     # chunk edge: ties across slot chunks, slot offsets, the chunked backward.
     from cossim_fast.backends import gradients, torch_chunked
 
-    monkeypatch.setattr(torch_chunked, "chunk_length", lambda size: 3)
+    monkeypatch.setattr(torch_chunked, "chunk_length", lambda size, budget=None: 3)
     monkeypatch.setattr(gradients, "chunk_length", lambda size: 3)
     bank, counts = make_bank(4, 17, 9, counts=[17, 8, 0, 16])
     bank[0, 11] = bank[0, 2]  # an exact tie across slot chunks: the lower slot must win
