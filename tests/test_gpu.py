@@ -60,6 +60,51 @@ def test_update_has_no_host_sync_and_matches_cpu(backend):
     torch.testing.assert_close(gpu.bank.cpu(), cpu.bank, atol=1e-6, rtol=0)
 
 
+FUSED_CUDA_BACKENDS = [b for b in CUDA_BACKENDS if b != "torch"]  # torch reads the histogram on the host
+
+
+@pytest.mark.parametrize("backend", FUSED_CUDA_BACKENDS)
+@pytest.mark.parametrize("mode", ["max", "all"])
+def test_loss_step_replays_in_a_cuda_graph(backend, mode):
+    # A training step's share of the package (loss, backward, dictionary update) has no host
+    # sync, so it can be captured once and replayed (what bench.run --timing graph and
+    # torch.compile's "reduce-overhead" rely on); each replay matches an eager step.
+    bank, counts = make_bank(5, 40, 33, counts=[40, 0, 12, 40, 3], device="cuda")
+    features, labels = make_rows(257, 33, 5, device="cuda")
+    features.requires_grad_(True)
+    dictionary = cossim_fast.FeatureDictionary(5, 40, 33, device="cuda")
+    source, source_labels = make_rows(90, 33, 5, device="cuda")
+
+    def step():
+        features.grad = None
+        loss = cossim_fast.cosine_similarity_loss(
+            features, labels, bank, counts, 0.05, mode=mode, backend=backend, check_values=False
+        )
+        loss.backward()
+        dictionary.update(source, source_labels, max_per_class=8, backend=backend, check_values=False)
+        return loss
+
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        step()  # warm-up: compiles, allocates
+    torch.cuda.current_stream().wait_stream(side)
+    start_bank, start_counts, start_ptr = (t.clone() for t in (dictionary.bank, dictionary.counts, dictionary.ptr))
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        loss = step()  # recorded, not run: the dictionary is still at start_*
+    graph.replay()
+    graph.replay()  # two steps: the update's ring-buffer pointers move on device
+    replayed = (loss.clone(), features.grad.clone(), dictionary.bank.clone(), dictionary.ptr.clone())
+    for t, start in zip((dictionary.bank, dictionary.counts, dictionary.ptr), (start_bank, start_counts, start_ptr)):
+        t.copy_(start)
+    for _ in range(2):
+        eager = step()
+    torch.testing.assert_close(replayed[0], eager.detach(), atol=0, rtol=0)
+    torch.testing.assert_close(replayed[1], features.grad, atol=0, rtol=0)
+    assert torch.equal(replayed[2], dictionary.bank) and torch.equal(replayed[3], dictionary.ptr)
+
+
 def test_torch_backend_gpu_memory_does_not_grow_with_n_times_m():
     num_classes, slots, dim = 19, 2048, 128
     bank, counts = make_bank(num_classes, slots, dim, counts=[slots] * num_classes, device="cuda")
