@@ -69,16 +69,15 @@ def test_loss_step_replays_in_a_cuda_graph(backend, mode):
     # A training step's share of the package (loss, backward, dictionary update) has no host
     # sync, so it can be captured once and replayed (what bench.run --timing graph and
     # torch.compile's "reduce-overhead" rely on); each replay matches an eager step.
-    bank, counts = make_bank(5, 40, 33, counts=[40, 0, 12, 40, 3], device="cuda")
     features, labels = make_rows(257, 33, 5, device="cuda")
     features.requires_grad_(True)
     dictionary = cossim_fast.FeatureDictionary(5, 40, 33, device="cuda")
     source, source_labels = make_rows(90, 33, 5, device="cuda")
 
-    def step():
+    def step():  # the loss reads what the previous step's update wrote
         features.grad = None
         loss = cossim_fast.cosine_similarity_loss(
-            features, labels, bank, counts, 0.05, mode=mode, backend=backend, check_values=False
+            features, labels, dictionary.bank, dictionary.counts, 0.05, mode=mode, backend=backend, check_values=False
         )
         loss.backward()
         dictionary.update(source, source_labels, max_per_class=8, backend=backend, check_values=False)
@@ -87,7 +86,8 @@ def test_loss_step_replays_in_a_cuda_graph(backend, mode):
     side = torch.cuda.Stream()
     side.wait_stream(torch.cuda.current_stream())
     with torch.cuda.stream(side):
-        step()  # warm-up: compiles, allocates
+        for _ in range(3):  # warm-up: compiles, allocates, fills part of the dictionary
+            step()
     torch.cuda.current_stream().wait_stream(side)
     start_bank, start_counts, start_ptr = (t.clone() for t in (dictionary.bank, dictionary.counts, dictionary.ptr))
     graph = torch.cuda.CUDAGraph()
@@ -95,14 +95,15 @@ def test_loss_step_replays_in_a_cuda_graph(backend, mode):
         loss = step()  # recorded, not run: the dictionary is still at start_*
     graph.replay()
     graph.replay()  # two steps: the update's ring-buffer pointers move on device
-    replayed = (loss.clone(), features.grad.clone(), dictionary.bank.clone(), dictionary.ptr.clone())
+    replayed = (loss.clone(), features.grad.clone(), dictionary.bank.clone(), dictionary.counts.clone(), dictionary.ptr.clone())
     for t, start in zip((dictionary.bank, dictionary.counts, dictionary.ptr), (start_bank, start_counts, start_ptr)):
         t.copy_(start)
     for _ in range(2):
         eager = step()
     torch.testing.assert_close(replayed[0], eager.detach(), atol=0, rtol=0)
     torch.testing.assert_close(replayed[1], features.grad, atol=0, rtol=0)
-    assert torch.equal(replayed[2], dictionary.bank) and torch.equal(replayed[3], dictionary.ptr)
+    for got, want in zip(replayed[2:], (dictionary.bank, dictionary.counts, dictionary.ptr)):
+        assert torch.equal(got, want)
 
 
 def test_torch_backend_gpu_memory_does_not_grow_with_n_times_m():
