@@ -59,6 +59,7 @@ def load(paths: list[str]) -> tuple[list[dict], dict, list[dict]]:
             median_ms = extra.get("median_ms", stats.get("median", float("nan")) * 1e3)
             row = {key: extra.get(key) for key in ("op", "impl", "N", "M", "C", "dtype", "device", "peak_mib", "tflops", "rounds")}
             row["timing"] = extra.get("timing", "eager")
+            row["fp32_precision"] = extra.get("fp32_precision")
             row["median_ms"] = median_ms
             row["p20_ms"] = extra.get("p20_ms", _percentile(data, 20) * 1e3 if data else None)
             row["p80_ms"] = extra.get("p80_ms", _percentile(data, 80) * 1e3 if data else None)

@@ -16,6 +16,11 @@ rule for "auto".
 
     python -m bench.targets RESULTS.json [...] [--json out.json] [--write-rule PATH]
 
+Where several files hold the same case the last one's row counts (e.g. Triton's fp32 at another
+precision, ``COSSIM_FAST_TRITON_FP32_PRECISION``); each target row names the fp32 precision of
+its backend's row. A fused backend with no result and no recorded reason in the files is not
+part of the run and has no rows. ``--dtypes`` keeps only those dtypes.
+
 ``--write-rule PATH`` adds that rule for the results' GPU architecture (one per call) to a rule
 file, the package's being ``cossim_fast/backends/auto_rule.json``, replacing its earlier
 measurements of the same architecture, operation and dtype: "auto" then puts the fastest
@@ -75,6 +80,7 @@ def evaluate(rows: list[dict], missing: dict[str, str] | None = None) -> list[di
     # no memory (bench.run --timing graph, say), is not part of this run: left out, not "missing".
     impls_in_run = {impl for impls in table.values() for impl in impls} | {fields[1] for fields in cases}
     measured_memory = any(row.get("peak_mib") is not None for row in rows)
+    backends = [backend for backend in FUSED if backend in impls_in_run]
     checks = []
     for rows_n, slots, dim, dtype in shapes:
         for target, op, baseline_impl, goal, unit in TARGETS:
@@ -84,9 +90,11 @@ def evaluate(rows: list[dict], missing: dict[str, str] | None = None) -> list[di
             if target == "extra memory per row" and not measured_memory:
                 continue
             impls = table.get((op, rows_n, slots, dim, dtype), {})
-            for backend in FUSED:
+            for backend in backends:
+                # Which fp32 dots made the row (files measured at several precisions are combined).
+                precision = impls.get(backend, {}).get("fp32_precision")
                 shape = {"backend": backend, "op": op, "N": rows_n, "M": slots, "C": dim, "dtype": dtype,
-                         "target": target, "goal": goal, "unit": unit}
+                         "target": target, "goal": goal, "unit": unit, "fp32_precision": precision}
                 needed = [backend] + ([baseline_impl] if baseline_impl else [])
                 absent = [impl for impl in needed if impl not in impls]
                 value = None if absent else _value(target, impls[backend], impls.get(baseline_impl), rows_n)
@@ -146,8 +154,9 @@ def markdown(checks: list[dict], rule: list[dict]) -> str:
             measured, met = "-", f"not measured: {check['why']}"
         else:
             measured, met = f"{check['value']:.2f} {check['unit']}", "yes" if check["met"] else "NO"
+        backend = check["backend"] + (f" ({check['fp32_precision']})" if check.get("fp32_precision") else "")
         lines.append(
-            f"| {check['backend']} | {check['target']} | {check['op']} | {check['N']} | {check['M']} | {check['C']} | "
+            f"| {backend} | {check['target']} | {check['op']} | {check['N']} | {check['M']} | {check['C']} | "
             f"{check['dtype']} | {measured} | {check['goal']} | {met} |"
         )
     if rule:
@@ -169,13 +178,19 @@ def main(argv: list[str] | None = None) -> int:
         "--write-rule", metavar="PATH",
         help=f"add the measured rule for the results' GPU architecture to this rule file (the package's: {rule_file.RULE_FILE})",
     )
+    parser.add_argument("--dtypes", help="only these dtypes, comma-separated (e.g. fp32)")
     args = parser.parse_args(argv)
     rows, machine, _ = report.load(args.results)
     documents = []
     for results in args.results:
         with open(results) as handle:
             documents.append(json.load(handle))
-    checks, rule = evaluate(rows, missing_cases(documents)), auto_rule(rows)
+    missing = missing_cases(documents)
+    if args.dtypes:
+        wanted = set(args.dtypes.split(","))
+        rows = [row for row in rows if row["dtype"] in wanted]
+        missing = {case: why for case, why in missing.items() if (_case_fields(case) or ("",) * 6)[5] in wanted}
+    checks, rule = evaluate(rows, missing), auto_rule(rows)
     if not checks and not rule:
         print("no results of the targets' operations in these files")
         return 1

@@ -203,10 +203,28 @@ def test_targets_and_auto_rule():
     assert checks[("cuda", "extra memory per row", 256)]["why"] == "cuda: no peak memory recorded"
     assert ("triton", "fwd+bwd vs per-class", 256) in checks and all(c["op"] != "all-fwd_bwd" for c in checks.values())
     assert "not measured: cuda: not run" in targets.markdown(list(checks.values()), [])
-    # A run without the per-class baseline and without memory (graph timing): only what it measured.
+    # A run without the per-class baseline, without memory and without cuda (graph timing of
+    # Triton, say): only what it measured, no rows of "not measured".
     graphed = [row("max-fwd", "class_gemm", 1.0), row("max-fwd", "triton", 2.0), row("max-fwd_bwd", "triton", 6.0)]
-    assert {(c["backend"], c["target"]) for c in targets.evaluate(graphed)} == {
-        ("triton", "forward vs cuBLAS class GEMMs"), ("cuda", "forward vs cuBLAS class GEMMs")}
+    assert {(c["backend"], c["target"]) for c in targets.evaluate(graphed)} == {("triton", "forward vs cuBLAS class GEMMs")}
+    # A backend measured at another fp32 precision says so in its rows.
+    tf32x3 = [row("max-fwd", "class_gemm", 1.0) | {"dtype": "fp32"}, row("max-fwd", "triton", 2.0) | {"dtype": "fp32", "fp32_precision": "tf32x3"}]
+    assert "| triton (tf32x3) | forward vs cuBLAS class GEMMs |" in targets.markdown(targets.evaluate(tf32x3), [])
+
+
+def test_targets_keep_the_dtypes_asked_for(tmp_path, capsys):
+    from bench import targets
+
+    def result(impl, ms, dtype):
+        extra = {"op": "max-fwd", "impl": impl, "N": 16, "M": 8, "C": 256, "dtype": dtype, "median_ms": ms}
+        return {"extra_info": extra, "stats": {}}
+
+    path = tmp_path / "results.json"
+    path.write_text(json.dumps({"benchmarks": [result(i, 1.0, d) for i in ("triton", "class_gemm") for d in ("bf16", "fp32")],
+                                "not_run": ["max-fwd-triton-N16-M8-C2048-bf16"]}))
+    assert targets.main([str(path), "--dtypes", "fp32"]) == 0
+    out = capsys.readouterr().out
+    assert "| fp32 |" in out and "bf16" not in out
 
 
 def test_targets_write_rule_from_results_files(tmp_path):
