@@ -79,7 +79,7 @@ def test_all_forward_repeated_launches_do_not_accumulate(device, monkeypatch):
 def test_space_defaults_and_fixed_reduction_chunk():
     for mode, sixteen_bit, dim in REGIMES:
         candidates = tiles.space(mode, dim, sixteen_bit)
-        tile_shapes = [config for config in candidates if config.slot_splits == 1]
+        tile_shapes = {(c.block_m, c.block_n, c.block_c, c.num_warps, c.num_stages) for c in candidates}
         assert 1 <= len(tile_shapes) <= 6 and len(set(candidates)) == len(candidates)
         assert len({config.block_c for config in candidates}) == 1, "BLOCK_C must not depend on the candidate"
         assert len({config.c_resident for config in candidates}) == 1
@@ -91,6 +91,11 @@ def test_space_defaults_and_fixed_reduction_chunk():
         assert not candidates[0].flatten
         assert all(replace(config, slot_splits=1, flatten=False) == candidates[0] for config in flattened)
         assert bool(flattened) == (mode == "max" and not candidates[0].c_resident)
+        # A pipelined dsum loop: the default's tiles, in the streamed 16-bit "all" regime only.
+        pipelined = [config for config in candidates if config.dsum_stages]
+        assert all(replace(config, dsum_stages=0) == candidates[0] for config in pipelined)
+        streamed_16bit_all = mode == "all" and sixteen_bit and not candidates[0].c_resident
+        assert bool(pipelined) == streamed_16bit_all and not candidates[0].dsum_stages
     assert tiles.space("max", 256, True)[0].c_resident and not tiles.space("max", 257, True)[0].c_resident
     with pytest.raises(ValueError, match="mode must be 'max' or 'all'"):
         tiles.space("mean", 64, True)

@@ -28,20 +28,40 @@ from cossim_fast.backends.triton.tiles import TileConfig
 
 
 @triton.jit
-def _add_selected_slots(
-    dsum_rows, row_mask, selected, bank_cls, slots, slot_mask, stride_bm, stride_bc, dim,
+def _add_chunk(
+    dsum_rows, row_mask, selected, bank_cls, slots, slot_mask, stride_bm, stride_bc, dim, first,
     BLOCK_C: tl.constexpr, UPCAST: tl.constexpr, PRECISION: tl.constexpr,
 ):
-    """``dsum[rows] += selected @ bank[slots]``, one ``BLOCK_C`` chunk of the output at a time."""
-    for first in range(0, dim, BLOCK_C):
-        offs_c = first + tl.arange(0, BLOCK_C)
-        c_mask = offs_c < dim
-        b = load_slots(bank_cls, slots, slot_mask, stride_bm, stride_bc, offs_c, dim, UPCAST)
-        out = dsum_rows[:, None] + offs_c[None, :]
-        mask = row_mask[:, None] & c_mask[None, :]
-        acc = tl.load(out, mask=mask, other=0.0)
-        acc = tl.dot(selected.to(b.dtype), tl.trans(b), acc, input_precision=PRECISION)
-        tl.store(out, acc, mask=mask)
+    """``dsum[rows, chunk] += selected @ bank[slots, chunk]`` for the chunk at ``first``."""
+    offs_c = first + tl.arange(0, BLOCK_C)
+    c_mask = offs_c < dim
+    b = load_slots(bank_cls, slots, slot_mask, stride_bm, stride_bc, offs_c, dim, UPCAST)
+    out = dsum_rows[:, None] + offs_c[None, :]
+    mask = row_mask[:, None] & c_mask[None, :]
+    acc = tl.load(out, mask=mask, other=0.0)
+    acc = tl.dot(selected.to(b.dtype), tl.trans(b), acc, input_precision=PRECISION)
+    tl.store(out, acc, mask=mask)
+
+
+@triton.jit
+def _add_selected_slots(
+    dsum_rows, row_mask, selected, bank_cls, slots, slot_mask, stride_bm, stride_bc, dim,
+    BLOCK_C: tl.constexpr, UPCAST: tl.constexpr, PRECISION: tl.constexpr, DSUM_STAGES: tl.constexpr,
+):
+    """``dsum[rows] += selected @ bank[slots]``, one ``BLOCK_C`` chunk of the output at a time.
+
+    The kernel's ``num_stages`` pipelines only the bank loads that feed the dot; with
+    ``DSUM_STAGES`` the loop is pipelined as a whole, so the next chunk's dsum read is in flight
+    during this chunk's dot instead of stalling each chunk (same ops in the same order).
+    """
+    if DSUM_STAGES > 1:
+        for first in tl.range(0, dim, BLOCK_C, num_stages=DSUM_STAGES):
+            _add_chunk(dsum_rows, row_mask, selected, bank_cls, slots, slot_mask, stride_bm, stride_bc, dim, first,
+                       BLOCK_C, UPCAST, PRECISION)
+    else:
+        for first in range(0, dim, BLOCK_C):
+            _add_chunk(dsum_rows, row_mask, selected, bank_cls, slots, slot_mask, stride_bm, stride_bc, dim, first,
+                       BLOCK_C, UPCAST, PRECISION)
 
 
 @triton.jit
@@ -50,7 +70,7 @@ def _thresholded_sum_kernel(
     bank_ptr, stride_bk, stride_bm, stride_bc, slots_per_class, counts_ptr, threshold,
     tiles_ptr, sorted_rows_ptr, count_ptr, ssum_ptr, dsum_ptr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_C: tl.constexpr,
-    C_RESIDENT: tl.constexpr, UPCAST: tl.constexpr, PRECISION: tl.constexpr,
+    C_RESIDENT: tl.constexpr, UPCAST: tl.constexpr, PRECISION: tl.constexpr, DSUM_STAGES: tl.constexpr,
 ):
     cls, rows, row_mask = tile_rows(tiles_ptr, sorted_rows_ptr, tl.program_id(0), BLOCK_M)
     if cls < 0:
@@ -87,7 +107,7 @@ def _thresholded_sum_kernel(
         elif tl.sum(hits, axis=0) > 0:  # a high threshold selects little: skip the dsum traffic
             _add_selected_slots(
                 dsum_rows, row_mask, selected, bank_cls, slots, slot_mask, stride_bm, stride_bc, dim,
-                BLOCK_C, UPCAST, PRECISION,
+                BLOCK_C, UPCAST, PRECISION, DSUM_STAGES,
             )
     tl.store(count_ptr + rows, count.to(tl.int64), mask=row_mask)
     tl.store(ssum_ptr + rows, ssum, mask=row_mask)
@@ -116,6 +136,6 @@ def launch_all_forward(
         bank, *bank.stride(), bank.shape[1], counts, float(threshold),
         tiles, sorted_rows, count, ssum, dsum,
         BLOCK_M=config.block_m, BLOCK_N=config.block_n, BLOCK_C=config.block_c,
-        C_RESIDENT=config.c_resident, UPCAST=precision is not None, PRECISION=precision,
+        C_RESIDENT=config.c_resident, UPCAST=precision is not None, PRECISION=precision, DSUM_STAGES=config.dsum_stages,
         num_warps=config.num_warps, num_stages=config.num_stages,
     )

@@ -45,14 +45,18 @@ class TileConfig:
     slot_splits: int = 1
     #: One pipelined loop over (slot tile, C chunk) ("max" mode, streamed regime; see max_similarity).
     flatten: bool = False
+    #: Pipeline depth of the dsum read-modify-write loop, its dsum reads included ("all" mode,
+    #: streamed regime; see thresholded_sum); 0 leaves it to ``num_stages``, which skips those reads.
+    dsum_stages: int = 0
 
     def __str__(self) -> str:
         regime = "resident" if self.c_resident else "streamed"
         splits = f" splits={self.slot_splits}" if self.slot_splits > 1 else ""
         flatten = " flatten" if self.flatten else ""
+        dsum = f" dsum_stages={self.dsum_stages}" if self.dsum_stages else ""
         return (
             f"{self.block_m}x{self.block_n}x{self.block_c} {regime} "
-            f"warps={self.num_warps} stages={self.num_stages}{splits}{flatten}"
+            f"warps={self.num_warps} stages={self.num_stages}{splits}{flatten}{dsum}"
         )
 
 
@@ -85,7 +89,12 @@ def space(mode: str, dim: int, sixteen_bit: bool) -> tuple[TileConfig, ...]:
         # pipelined loop (not yet timed on a GPU; the default stays as measured).
         return tiled + split + (replace(tiled[0], flatten=True), replace(split[1], flatten=True))
     if mode == "all":
-        return _all_tiles(padded_dim(dim), sixteen_bit)
+        tiled = _all_tiles(padded_dim(dim), sixteen_bit)
+        if tiled[0].c_resident or not sixteen_bit:  # fp32 tiles with it spill (triton 3.6, ieee)
+            return tiled
+        # Streamed: the default's tiles with the dsum read-modify-write loop pipelined, reads
+        # included (2 stages: the default's 96 KiB of shared memory; not yet timed on a GPU).
+        return tiled + (replace(tiled[0], dsum_stages=2),)
     raise ValueError(f"mode must be 'max' or 'all', got {mode!r}")
 
 
