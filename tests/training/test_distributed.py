@@ -29,7 +29,8 @@ if dist.is_initialized():  # record the bucket of every gradient all-reduce
 result = trainer.train()
 rank = dist.get_rank() if dist.is_initialized() else 0
 torch.save({"bank": trainer.dictionary.bank, "counts": trainer.dictionary.counts,
-            "model": trainer.model.state_dict(), "pixels": result["pixels"], "allreduced_buckets": allreduces},
+            "model": trainer.model.state_dict(), "pixels": result["pixels"], "allreduced_buckets": allreduces,
+            "logged_ce": torch.tensor([row["loss_ce"] for row in trainer.history if "loss_ce" in row])},
            f"{out}.rank{rank}.pt")
 """
 
@@ -67,6 +68,8 @@ def test_two_ranks_match_one_process_on_the_combined_batch(tiny_data, tmp_path):
         torch.testing.assert_close(two[0]["model"][name], value, atol=1e-5, rtol=1e-4, msg=name)
     # Evaluation shards the val images without duplicates: both score the same pixels.
     assert two[0]["pixels"] == one[0]["pixels"]
+    # Logged losses are the ranks' mean, the same on every rank (rank 0's alone before).
+    assert len(two[0]["logged_ce"]) > 0 and torch.equal(two[0]["logged_ce"], two[1]["logged_ce"])
 
 
 @pytest.mark.parametrize("checkpointing", [False, True])
