@@ -53,12 +53,13 @@ def _run(tmp_path, overrides, processes):
     return [torch.load(f"{out}.rank{r}.pt", weights_only=True) for r in range(processes)]
 
 
-def test_two_ranks_match_one_process_on_the_combined_batch(tiny_data, tmp_path):
+def test_two_ranks_match_one_process_on_the_combined_batch(tiny_data, tmp_path, capsys):
     # BN frozen (per-rank batch statistics would differ from the combined batch's) and the
     # cosine term kept at weight 0 after the dictionary updates (per-rank means of a
     # thresholded selection are not the global mean); the dictionary is what DDP must sync.
     common = ["model.freeze_bn=true", "cosine.warmup_iters=1000", "train.iterations=3", "train.eval_every=3"]
-    two = _run(tmp_path, tiny_overrides(tiny_data, tmp_path / "ddp", *common), 2)
+    ddp_overrides = tiny_overrides(tiny_data, tmp_path / "ddp", *common)
+    two = _run(tmp_path, ddp_overrides, 2)
     one = _run(tmp_path, tiny_overrides(tiny_data, tmp_path / "single", *common, "train.batch_size_source=4", "train.batch_size_target=4"), 1)
     assert two[0]["counts"].sum() > 0  # the bank fills during the loss's warm-up
     assert torch.equal(two[0]["bank"], two[1]["bank"]) and torch.equal(two[0]["counts"], two[1]["counts"])
@@ -70,6 +71,11 @@ def test_two_ranks_match_one_process_on_the_combined_batch(tiny_data, tmp_path):
     assert two[0]["pixels"] == one[0]["pixels"]
     # Logged losses are the ranks' mean, the same on every rank (rank 0's alone before).
     assert len(two[0]["logged_ce"]) > 0 and torch.equal(two[0]["logged_ce"], two[1]["logged_ce"])
+    # Resuming the two-process run in one process: batch sizes are per process, so it says so.
+    from cossim_fast.training import Trainer, load_config
+
+    Trainer(load_config(None, ddp_overrides), progress=False)
+    assert "was trained by 2 process(es), this run has 1" in capsys.readouterr().out
 
 
 @pytest.mark.parametrize("checkpointing", [False, True])
