@@ -137,6 +137,21 @@ def test_freeze_bn_false_holds_with_pretrained_weights(tiny_config, tmp_path):
         assert trainer.model.backbone.freeze_bn is frozen, setting
 
 
+def test_each_accumulation_pass_draws_its_own_dictionary_order(tiny_config, monkeypatch):
+    import cossim_fast
+
+    seeds = []
+    update = cossim_fast.FeatureDictionary.update
+
+    def recording(self, *args, generator=None, **kwargs):
+        seeds.append(generator.initial_seed())
+        return update(self, *args, generator=generator, **kwargs)
+
+    monkeypatch.setattr(cossim_fast.FeatureDictionary, "update", recording)
+    Trainer(tiny_config("train.grad_accum=2", "train.iterations=2", "train.eval_every=2"), progress=False).train()
+    assert len(seeds) == 4 and len(set(seeds)) == 4  # two iterations of two passes
+
+
 def test_a_write_killed_midway_leaves_no_temporary_behind_the_next_save(tmp_path):
     stale = tmp_path / ".last.pt.abc123.tmp"  # what SIGKILL during a save leaves
     stale.write_bytes(b"partial")
