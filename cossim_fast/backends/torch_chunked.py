@@ -32,7 +32,6 @@ def class_blocks(
     workspace, beside the bucket chunk's copy in ``acc`` where the bank is in another dtype.
     """
     num_classes, slots, dim = bank.shape
-    acc_size = torch.empty(0, dtype=acc).element_size()
     groups = group_by_class(labels, num_classes)
     by_class = groups.rows
     host = torch.cat([groups.per_class, counts]).tolist()  # the one host sync
@@ -44,7 +43,7 @@ def class_blocks(
         if n_valid > 0:
             for first_slot in range(0, n_valid, slot_chunk):
                 bucket = bank[k, first_slot : min(n_valid, first_slot + slot_chunk)]
-                bucket_copy = bucket.numel() * acc_size if bank.dtype != acc else 0
+                bucket_copy = bucket.numel() * acc.itemsize if bank.dtype != acc else 0
                 row_chunk = chunk_length(
                     bucket.shape[0] * per_pair + dim * per_channel, max(1, row_access.WORKSPACE_BYTES - bucket_copy)
                 )
@@ -55,8 +54,7 @@ def class_blocks(
 
 def _row_copy_bytes(features: Tensor, acc: torch.dtype) -> int:
     """Bytes per channel of a gathered row in ``acc``: the gather, then the cast if one is needed."""
-    acc_size = torch.empty(0, dtype=acc).element_size()
-    return acc_size + (features.element_size() if features.dtype != acc else 0)
+    return acc.itemsize + (features.element_size() if features.dtype != acc else 0)
 
 
 def _normalized_dots(features: Tensor, rows: Tensor, bucket: Tensor, acc: torch.dtype) -> tuple[Tensor, Tensor]:
@@ -98,7 +96,7 @@ class TorchBackend(Backend):
         # In place, one float block per chunk: similarities, then the selected ones, then the
         # selection as weights (6 bytes per pair at the peak, with the two boolean masks).
         # Per row: its copy in acc and its share of dsum (the rows of a chunk are distinct).
-        row_bytes = _row_copy_bytes(features, acc) + torch.empty(0, dtype=acc).element_size()
+        row_bytes = _row_copy_bytes(features, acc) + acc.itemsize
         for rows, bucket, _ in class_blocks(labels, counts, bank, acc, per_pair=6, per_channel=row_bytes):
             block, inv_norm = _normalized_dots(features, rows, bucket, acc)
             block.mul_(inv_norm[:, None])
