@@ -187,15 +187,11 @@ class Trainer:
             print(f"starting a new run in {self.run_dir}: the checkpoints there are replaced as this run saves")
 
     def _apply_optimizer_settings(self) -> None:
-        """The configured hyperparameters over those a checkpoint's optimizer state brought back
-        (``lr`` is set every iteration from the schedule)."""
-        optim = self.config.optim
-        fresh = self.model.parameter_groups(optim.lr, head_lr_mult=optim.head_lr_mult)
+        """The configured hyperparameters over those a checkpoint's optimizer state brought back:
+        a fresh optimizer's groups hold them (``lr`` is set every iteration from the schedule)."""
+        fresh = self._make_optimizer(self.model).param_groups
         for group, new in zip(self.optimizer.param_groups, fresh, strict=True):
-            group["lr_mult"] = new["lr_mult"]
-            group["weight_decay"] = optim.weight_decay
-            if optim.name == "sgd":
-                group["momentum"] = optim.momentum
+            group.update((key, value) for key, value in new.items() if key != "params")
 
     def save_checkpoint(self, name: str) -> None:
         if not self.context.is_main:
