@@ -40,14 +40,19 @@ WORKSPACE_MIB = 16
 ROOT = Path(__file__).resolve().parents[1]  # where `bench` is importable from
 
 
-def extra_mib(backend: str, num_rows: int, mode: str) -> float:
+def script_extra_mib(script: str, *args: str) -> float:
+    """The ``extra_mib`` a measuring script prints, run in a fresh interpreter (one thread, the
+    test workspace)."""
     env = dict(os.environ, COSSIM_FAST_WORKSPACE_MB=str(WORKSPACE_MIB), OMP_NUM_THREADS="1")
     result = subprocess.run(
-        [sys.executable, "-c", SCRIPT, backend, str(num_rows), mode], env=env, capture_output=True, text=True, timeout=300,
-        cwd=ROOT,
+        [sys.executable, "-c", script, *args], env=env, capture_output=True, text=True, timeout=300, cwd=ROOT
     )
     assert result.returncode == 0, result.stderr
     return json.loads(result.stdout.strip().splitlines()[-1])["extra_mib"]
+
+
+def extra_mib(backend: str, num_rows: int, mode: str) -> float:
+    return script_extra_mib(SCRIPT, backend, str(num_rows), mode)
 
 
 @pytest.mark.parametrize("mode", ["max", "all"])
@@ -195,11 +200,7 @@ print(json.dumps({"extra_mib": meter.stop() / 2**20}))
 def test_value_checks_copy_nothing_of_the_features(dtype):
     # On by default, on every loss call and update: a float64 cast of the N x C features (inside
     # the reduction, where no allocation ledger sees it) doubled or quadrupled their memory.
-    env = dict(os.environ, OMP_NUM_THREADS="1")
-    result = subprocess.run([sys.executable, "-c", CHECK_SCRIPT, dtype], env=env, capture_output=True, text=True,
-                            timeout=300, cwd=ROOT)
-    assert result.returncode == 0, result.stderr
-    extra = json.loads(result.stdout.strip().splitlines()[-1])["extra_mib"]
+    extra = script_extra_mib(CHECK_SCRIPT, dtype)
     assert extra < 8, f"the value check took {extra:.1f} MiB beyond 64 MiB of features"
 
 
@@ -224,10 +225,7 @@ print(json.dumps({"extra_mib": meter.stop() / 2**20}))
 def test_dictionary_update_of_16bit_features_stays_within_the_workspace():
     # The row norms in fp32 of 16-bit features: cast a chunk at a time on the CPU, not all of
     # them (measured before: 128 MiB beyond 64 MiB of bf16 features).
-    env = dict(os.environ, COSSIM_FAST_WORKSPACE_MB=str(WORKSPACE_MIB), OMP_NUM_THREADS="1")
-    result = subprocess.run([sys.executable, "-c", UPDATE_SCRIPT], env=env, capture_output=True, text=True, timeout=300, cwd=ROOT)
-    assert result.returncode == 0, result.stderr
-    extra = json.loads(result.stdout.strip().splitlines()[-1])["extra_mib"]
+    extra = script_extra_mib(UPDATE_SCRIPT)
     per_row_mib = 131072 * 16 / 2**20  # the visiting order and the norms, and the backend's per-row state
     assert extra < WORKSPACE_MIB + per_row_mib, f"{extra:.1f} MiB"
 
