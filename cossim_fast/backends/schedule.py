@@ -16,11 +16,21 @@ from torch import Tensor
 @dataclass(frozen=True)
 class ClassGroups:
     """``rows``: row ids sorted by class (rows of no class, e.g. ``ignore_index``, last);
-    ``per_class`` (K,): how many rows each class has; ``first`` (K,): where it starts in ``rows``."""
+    ``bounds`` (K + 2,): class ``k``'s rows are ``rows[bounds[k]:bounds[k + 1]]``, and the rows of
+    no class ``rows[bounds[K]:bounds[K + 1]]`` (``bounds[K + 1] = N``)."""
 
     rows: Tensor
-    per_class: Tensor
-    first: Tensor
+    bounds: Tensor
+
+    @property
+    def per_class(self) -> Tensor:
+        """(K,): how many rows each class has."""
+        return self.bounds[1:-1] - self.bounds[:-2]
+
+    @property
+    def first(self) -> Tensor:
+        """(K,): where each class starts in ``rows``."""
+        return self.bounds[:-2]
 
 
 def _key_dtype(num_classes: int) -> torch.dtype:
@@ -35,16 +45,23 @@ def group_by_class(labels: Tensor, num_classes: int) -> ClassGroups:
     """Group rows by their label; labels outside ``[0, K)`` belong to no class.
 
     The sort key is one byte per row (for K <= 255), which keeps the sort's scratch small and
-    its radix passes few; class boundaries come from a search in the sorted keys.
+    its radix passes few; class boundaries come from a search in the sorted keys. Six device
+    ops in all: every op here is a launch and host time on the GPU.
     """
-    dtype = _key_dtype(num_classes)
-    # The cast wraps labels outside the key's range, but exactly those are replaced by K.
-    key = torch.where((labels >= 0) & (labels < num_classes), labels.to(dtype), num_classes)
+    # Labels below 0 clamp to -1, which the remainder sends to K; those above K clamp to K.
+    # In place: one int64 temporary, not two.
+    key = labels.clamp(-1, num_classes).remainder_(num_classes + 1).to(_key_dtype(num_classes))
     sorted_key, rows = torch.sort(key, stable=True)
     del key
-    classes = torch.arange(num_classes + 1, device=labels.device, dtype=sorted_key.dtype)
-    bounds = torch.searchsorted(sorted_key, classes)
-    return ClassGroups(rows, (bounds[1:] - bounds[:-1]).contiguous(), bounds[:-1].contiguous())
+    segments = torch.arange(num_classes + 2, device=labels.device, dtype=sorted_key.dtype)
+    return ClassGroups(rows, torch.searchsorted(sorted_key, segments))
+
+
+def max_row_tiles(num_rows: int, num_segments: int, block_m: int) -> int:
+    """An upper bound, from static sizes, on the row tiles of ``num_segments`` groups of rows cut
+    into tiles of ``block_m`` (each group wastes less than one tile): a grid size that needs no
+    histogram read back. Programs past the last tile exit at once."""
+    return -(-num_rows // block_m) + min(num_segments, num_rows)
 
 
 @dataclass(frozen=True)
@@ -59,9 +76,9 @@ class ClassTiles:
 def class_tiles(labels: Tensor, num_classes: int, block_m: int) -> ClassTiles:
     """The (class, row tile) schedule of the fused kernels (MoE-style routing).
 
-    Each class's rows are padded to whole tiles; ``ceil(N / block_m) + min(K, N)`` programs
-    bound the schedule from static sizes (each class wastes less than one tile), so the grid
-    is known without reading the histogram back; programs past the schedule exit at once.
+    Each class's rows are padded to whole tiles, and the grid is ``max_row_tiles``. The Triton
+    kernels find their tile themselves from ``ClassGroups.bounds`` (``row_tile`` there); the CUDA
+    kernels read it here.
     """
     num_rows, device = labels.numel(), labels.device
     if num_rows == 0 or num_classes == 0:
@@ -69,7 +86,7 @@ def class_tiles(labels: Tensor, num_classes: int, block_m: int) -> ClassTiles:
     groups = group_by_class(labels, num_classes)
     tiles_of = torch.div(groups.per_class + block_m - 1, block_m, rounding_mode="floor")
     tiles_end = torch.cumsum(tiles_of, 0)
-    num_programs = -(-num_rows // block_m) + min(num_classes, num_rows)
+    num_programs = max_row_tiles(num_rows, num_classes, block_m)
     program = torch.arange(num_programs, device=device)
     owner = torch.searchsorted(tiles_end, program, right=True)
     scheduled = owner < num_classes

@@ -2,8 +2,10 @@
 
 Rows are sorted by class and cut into tiles of one class each (MoE-style routing: each class's
 rows are padded to the row tile), so every program meets exactly one bucket and nothing outside
-it. The schedule is built with device ops only; the grid is an upper bound computed from static
-sizes, and programs past the schedule exit at once, so no call waits for the device.
+it. The sort and the class bounds are device ops; each program finds its tile from the bounds,
+the grid is an upper bound computed from static sizes, and programs past the last tile exit at
+once, so no call waits for the device. The kernels also write the rows of no class, so the
+outputs need no fill.
 
 On CPU tensors the kernels run through Triton's interpreter, which must be switched on
 (``TRITON_INTERPRET=1``) before triton is first imported.
@@ -20,7 +22,7 @@ import torch
 from torch import Tensor
 
 from cossim_fast.backends.base import Backend
-from cossim_fast.backends.schedule import ClassTiles, class_tiles
+from cossim_fast.backends.schedule import group_by_class
 from cossim_fast.backends.triton import (
     backward,
     max_similarity,
@@ -94,18 +96,6 @@ def forward_config(
     return tiles.choose(tiles.shape_class(mode, features, bank, precision), candidates, run)
 
 
-def _schedules(labels: Tensor, num_classes: int) -> Callable[[int], ClassTiles]:
-    """The schedule for a row tile, built once per tile size (autotuning times launches only)."""
-    built: dict[int, ClassTiles] = {}
-
-    def schedule_for(block_m: int) -> ClassTiles:
-        if block_m not in built:
-            built[block_m] = class_tiles(labels, num_classes, block_m)
-        return built[block_m]
-
-    return schedule_for
-
-
 def _on_device(tensor: Tensor) -> contextlib.AbstractContextManager:
     """Triton launches on the current CUDA device: make it the tensors' one."""
     return torch.cuda.device(tensor.device) if tensor.is_cuda else contextlib.nullcontext()
@@ -146,18 +136,15 @@ class TritonBackend(Backend):
         return []
 
     def max_forward(self, features, labels, bank, counts, ignore_index):
-        values = torch.full(labels.shape, float("-inf"), dtype=torch.float32, device=labels.device)
-        indices = torch.full(labels.shape, -1, dtype=torch.int64, device=labels.device)
+        values = torch.empty(labels.shape, dtype=torch.float32, device=labels.device)
+        indices = torch.empty(labels.shape, dtype=torch.int64, device=labels.device)
         if labels.numel() == 0:
             return values, indices
         precision = dot_precision(features.dtype, bank.dtype)
-        schedule_for = _schedules(labels, bank.shape[0])
+        groups = group_by_class(labels, bank.shape[0])
 
         def run(config: tiles.TileConfig) -> None:
-            schedule = schedule_for(config.block_m)
-            max_similarity.launch_max_forward(
-                features, bank, counts, schedule.rows, schedule.tiles, values, indices, config, precision
-            )
+            max_similarity.launch_max_forward(features, bank, counts, groups, values, indices, config, precision)
 
         with _on_device(features):
             run(forward_config("max", features, bank, precision, run))
@@ -169,19 +156,19 @@ class TritonBackend(Backend):
 
     def all_forward(self, features, labels, bank, counts, threshold, ignore_index):
         num_rows, dim = labels.numel(), bank.shape[2]
-        count = torch.zeros(num_rows, dtype=torch.int64, device=labels.device)
-        ssum = torch.zeros(num_rows, dtype=torch.float32, device=labels.device)
+        count = torch.empty(num_rows, dtype=torch.int64, device=labels.device)
+        ssum = torch.empty(num_rows, dtype=torch.float32, device=labels.device)
         dsum = torch.empty(num_rows, dim, dtype=torch.float32, device=labels.device)
         if num_rows == 0:
             return count, ssum, dsum
         precision = dot_precision(features.dtype, bank.dtype)
-        schedule_for = _schedules(labels, bank.shape[0])
+        groups = group_by_class(labels, bank.shape[0])
 
         def run(config: tiles.TileConfig) -> None:
-            dsum.zero_()  # the streamed regime accumulates into it (and autotuning repeats runs)
-            schedule = schedule_for(config.block_m)
+            if not config.c_resident:
+                dsum.zero_()  # the streamed regime accumulates into it (and autotuning repeats runs)
             thresholded_sum.launch_all_forward(
-                features, bank, counts, threshold, schedule.rows, schedule.tiles, count, ssum, dsum, config, precision
+                features, bank, counts, threshold, groups, count, ssum, dsum, config, precision
             )
 
         with _on_device(features):

@@ -1,9 +1,11 @@
 """Forward "max": per row, the max cosine similarity over its class bucket, and its slot.
 
-One program per (class, row tile) of the schedule (``cossim_fast.backends.schedule.class_tiles``) streams that class's
-``counts[k]`` valid slots, ``BLOCK_N`` at a time, and keeps a running max/argmax per row of the
+One program per (class, row tile) streams that class's ``counts[k]`` valid slots, ``BLOCK_N`` at a time, and keeps a running max/argmax per row of the
 raw dot products (bank rows are unit-norm); only the winner is scaled by the row's inverse norm,
-so no normalized copy of the features exists. Two regimes, by ``C``:
+so no normalized copy of the features exists. Each program finds its row tile itself
+(``tile_rows``) from the class bounds of the rows sorted by class
+(``cossim_fast.backends.schedule.group_by_class``): building the schedule takes a sort and a
+search, not a chain of small device ops that each cost a launch. Two regimes, by ``C``:
 
 - ``C_RESIDENT``: the whole ``BLOCK_M x C`` row tile is loaded once and stays in registers;
 - otherwise each slot tile is a small GEMM with a loop over ``C`` in ``BLOCK_C`` chunks.
@@ -35,6 +37,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
+from cossim_fast.backends.schedule import ClassGroups, max_row_tiles
 from cossim_fast.backends.triton.tiles import TileConfig
 
 EPS = tl.constexpr(1e-12)  # as torch.nn.functional.normalize
@@ -42,13 +45,26 @@ NO_WINNER = tl.constexpr(-(2**63))  # the packed key of a split without a slot: 
 
 
 @triton.jit
-def tile_rows(tiles_ptr, sorted_rows_ptr, tile, BLOCK_M: tl.constexpr):
-    """Row tile ``tile``'s class (-1: past the schedule), row ids and row mask."""
-    cls = tl.load(tiles_ptr + tile * 3)
-    start = tl.load(tiles_ptr + tile * 3 + 1)
-    end = tl.load(tiles_ptr + tile * 3 + 2)
+def tile_rows(bounds_ptr, num_classes, sorted_rows_ptr, tile, BLOCK_M: tl.constexpr, CLASS_BLOCK: tl.constexpr):
+    """Row tile ``tile``'s class, row ids and row mask.
+
+    Segment ``k < K`` holds class ``k``'s rows, ``sorted_rows[bounds[k]:bounds[k + 1]]``, and
+    segment ``K`` the rows of no class; each is cut into tiles of ``BLOCK_M`` rows, in segment
+    order. The class is ``K`` for a tile of rows of no class and -1 past the last tile.
+    ``CLASS_BLOCK`` is the (power of two) vector width of the ``K + 1`` segments.
+    """
+    segment = tl.arange(0, CLASS_BLOCK)
+    in_table = segment <= num_classes
+    lo = tl.load(bounds_ptr + segment, mask=in_table, other=0)
+    hi = tl.load(bounds_ptr + segment + 1, mask=in_table, other=0)
+    tiles_of = tl.cdiv(hi - lo, BLOCK_M)
+    tiles_end = tl.cumsum(tiles_of, 0)
+    mine = (tile < tiles_end) & (tile >= tiles_end - tiles_of)  # one segment, or none past the end
+    cls = tl.max(tl.where(mine, segment, -1), 0)
+    start = tl.sum(tl.where(mine, lo + (tile - (tiles_end - tiles_of)) * BLOCK_M, 0), 0)
+    end = tl.sum(tl.where(mine, hi, 0), 0)
     offs = start + tl.arange(0, BLOCK_M)
-    row_mask = offs < end
+    row_mask = offs < end  # a tile ends at start + BLOCK_M or at its segment's end
     rows = tl.load(sorted_rows_ptr + offs, mask=row_mask, other=0)
     return cls, rows, row_mask
 
@@ -112,16 +128,20 @@ def streamed_dots(
 def _max_forward_kernel(
     f_ptr, stride_fb, stride_fp, stride_fc, points, dim,
     bank_ptr, stride_bk, stride_bm, stride_bc, slots_per_class, counts_ptr,
-    tiles_ptr, sorted_rows_ptr, values_ptr, indices_ptr, keys_ptr, norms_ptr, num_rows,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_C: tl.constexpr,
+    bounds_ptr, num_classes, sorted_rows_ptr, values_ptr, indices_ptr, keys_ptr, norms_ptr, num_rows,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_C: tl.constexpr, CLASS_BLOCK: tl.constexpr,
     C_RESIDENT: tl.constexpr, UPCAST: tl.constexpr, PRECISION: tl.constexpr, SPLITS: tl.constexpr,
     FLATTEN: tl.constexpr,
 ):
     # A row tile's splits are consecutive programs: they run side by side, sharing its rows in L2.
     tile = tl.program_id(0) // SPLITS
     split = tl.program_id(0) % SPLITS
-    cls, rows, row_mask = tile_rows(tiles_ptr, sorted_rows_ptr, tile, BLOCK_M)
+    cls, rows, row_mask = tile_rows(bounds_ptr, num_classes, sorted_rows_ptr, tile, BLOCK_M, CLASS_BLOCK)
     if cls < 0:
+        return
+    if cls == num_classes:  # rows of no class: no winner (with splits, the merge writes it)
+        if SPLITS == 1:
+            store_no_winner(values_ptr, indices_ptr, rows, row_mask)
         return
     f_rows = f_ptr + (rows // points) * stride_fb + (rows % points) * stride_fp
     inv_norm = row_inverse_norms(f_rows, row_mask, stride_fc, dim, BLOCK_M, BLOCK_C)
@@ -174,6 +194,12 @@ def store_winner(values_ptr, indices_ptr, rows, row_mask, best, best_slot, inv_n
 
 
 @triton.jit
+def store_no_winner(values_ptr, indices_ptr, rows, row_mask):
+    tl.store(values_ptr + rows, tl.full(rows.shape, float("-inf"), tl.float32), mask=row_mask)
+    tl.store(indices_ptr + rows, tl.full(rows.shape, -1, tl.int64), mask=row_mask)
+
+
+@triton.jit
 def _pack(best, best_slot):
     """(raw max, slot) as one int64 key ordered by value, then by lower slot."""
     bits = best.to(tl.int32, bitcast=True)
@@ -184,11 +210,14 @@ def _pack(best, best_slot):
 
 @triton.jit
 def _merge_splits_kernel(
-    keys_ptr, norms_ptr, num_rows, tiles_ptr, sorted_rows_ptr, values_ptr, indices_ptr,
-    BLOCK_M: tl.constexpr, SPLITS: tl.constexpr,
+    keys_ptr, norms_ptr, num_rows, bounds_ptr, num_classes, sorted_rows_ptr, values_ptr, indices_ptr,
+    BLOCK_M: tl.constexpr, CLASS_BLOCK: tl.constexpr, SPLITS: tl.constexpr,
 ):
-    cls, rows, row_mask = tile_rows(tiles_ptr, sorted_rows_ptr, tl.program_id(0), BLOCK_M)
+    cls, rows, row_mask = tile_rows(bounds_ptr, num_classes, sorted_rows_ptr, tl.program_id(0), BLOCK_M, CLASS_BLOCK)
     if cls < 0:
+        return
+    if cls == num_classes:
+        store_no_winner(values_ptr, indices_ptr, rows, row_mask)
         return
     key = tl.load(keys_ptr + rows, mask=row_mask, other=NO_WINNER)
     for split in tl.static_range(1, SPLITS):
@@ -200,35 +229,42 @@ def _merge_splits_kernel(
     store_winner(values_ptr, indices_ptr, rows, row_mask, best, best_slot, inv_norm)
 
 
+def class_block(num_classes: int) -> int:
+    """``tile_rows``'s vector width over the ``K + 1`` row segments (a power of two)."""
+    return triton.next_power_of_2(num_classes + 1)
+
+
 def launch_max_forward(
     features: Tensor,
     bank: Tensor,
     counts: Tensor,
-    sorted_rows: Tensor,
-    tiles: Tensor,
+    groups: ClassGroups,
     values: Tensor,
     indices: Tensor,
     config: TileConfig,
     precision: str | None,
 ) -> None:
-    """Fill ``values``/``indices`` (pre-set to ``-inf``/``-1``) for the scheduled rows."""
+    """Fill ``values``/``indices`` (``empty``) for every row, ``(-inf, -1)`` for rows of no class."""
     _, points, dim = features.shape
+    num_classes = bank.shape[0]
     splits, num_rows = config.slot_splits, values.shape[0]
-    if splits > 1:  # every scheduled row gets a key from every split: no initialization needed
+    if splits > 1:  # every row of a class gets a key from every split: no initialization needed
         keys = torch.empty(splits, num_rows, dtype=torch.int64, device=values.device)
         norms = torch.empty(num_rows, dtype=torch.float32, device=values.device)
     else:
         keys, norms = indices, values  # not read or written
-    _max_forward_kernel[(tiles.shape[0] * splits,)](
+    num_tiles = max_row_tiles(num_rows, num_classes + 1, config.block_m)
+    _max_forward_kernel[(num_tiles * splits,)](
         features, *features.stride(), points, dim,
         bank, *bank.stride(), bank.shape[1], counts,
-        tiles, sorted_rows, values, indices, keys, norms, num_rows,
-        BLOCK_M=config.block_m, BLOCK_N=config.block_n, BLOCK_C=config.block_c,
+        groups.bounds, num_classes, groups.rows, values, indices, keys, norms, num_rows,
+        BLOCK_M=config.block_m, BLOCK_N=config.block_n, BLOCK_C=config.block_c, CLASS_BLOCK=class_block(num_classes),
         C_RESIDENT=config.c_resident, UPCAST=precision is not None, PRECISION=precision, SPLITS=splits,
         FLATTEN=config.flatten,
         num_warps=config.num_warps, num_stages=config.num_stages,
     )
     if splits > 1:
-        _merge_splits_kernel[(tiles.shape[0],)](
-            keys, norms, num_rows, tiles, sorted_rows, values, indices, BLOCK_M=config.block_m, SPLITS=splits
+        _merge_splits_kernel[(num_tiles,)](
+            keys, norms, num_rows, groups.bounds, num_classes, groups.rows, values, indices,
+            BLOCK_M=config.block_m, CLASS_BLOCK=class_block(num_classes), SPLITS=splits,
         )

@@ -1,6 +1,6 @@
 """Forward "all": per row, the slots whose similarity exceeds the threshold, summed.
 
-Same schedule as ``max_similarity`` (one program per (class, row tile)). For every slot tile the
+Same schedule as ``max_similarity`` (one program per (class, row tile), found by ``tile_rows``). For every slot tile the
 program computes the similarities ``S``, selects ``S > threshold`` and accumulates the count,
 the sum of the selected ``S`` and, like attention's ``P @ V``, the sum of the selected dictionary
 vectors ``dsum`` (``N x C``): a second dot of the 0/1 selection with the same bank tile. Each row
@@ -16,7 +16,9 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
+from cossim_fast.backends.schedule import ClassGroups, max_row_tiles
 from cossim_fast.backends.triton.max_similarity import (
+    class_block,
     load_features,
     load_slots,
     row_inverse_norms,
@@ -68,15 +70,23 @@ def _add_selected_slots(
 def _thresholded_sum_kernel(
     f_ptr, stride_fb, stride_fp, stride_fc, points, dim,
     bank_ptr, stride_bk, stride_bm, stride_bc, slots_per_class, counts_ptr, threshold,
-    tiles_ptr, sorted_rows_ptr, count_ptr, ssum_ptr, dsum_ptr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_C: tl.constexpr,
+    bounds_ptr, num_classes, sorted_rows_ptr, count_ptr, ssum_ptr, dsum_ptr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_C: tl.constexpr, CLASS_BLOCK: tl.constexpr,
     C_RESIDENT: tl.constexpr, UPCAST: tl.constexpr, PRECISION: tl.constexpr, DSUM_STAGES: tl.constexpr,
 ):
-    cls, rows, row_mask = tile_rows(tiles_ptr, sorted_rows_ptr, tl.program_id(0), BLOCK_M)
+    cls, rows, row_mask = tile_rows(bounds_ptr, num_classes, sorted_rows_ptr, tl.program_id(0), BLOCK_M, CLASS_BLOCK)
     if cls < 0:
         return
-    f_rows = f_ptr + (rows // points) * stride_fb + (rows % points) * stride_fp
     dsum_rows = dsum_ptr + rows * dim  # dsum is (N, C) contiguous
+    if cls == num_classes:  # rows of no class select nothing (streamed: dsum is already zero)
+        tl.store(count_ptr + rows, tl.zeros([BLOCK_M], dtype=tl.int64), mask=row_mask)
+        tl.store(ssum_ptr + rows, tl.zeros([BLOCK_M], dtype=tl.float32), mask=row_mask)
+        if C_RESIDENT:
+            offs_c = tl.arange(0, BLOCK_C)
+            mask = row_mask[:, None] & (offs_c < dim)[None, :]
+            tl.store(dsum_rows[:, None] + offs_c[None, :], tl.zeros([BLOCK_M, BLOCK_C], dtype=tl.float32), mask=mask)
+        return
+    f_rows = f_ptr + (rows // points) * stride_fb + (rows % points) * stride_fp
     inv_norm = row_inverse_norms(f_rows, row_mask, stride_fc, dim, BLOCK_M, BLOCK_C)
     n_valid = valid_slots(counts_ptr, cls, slots_per_class)
     bank_cls = bank_ptr + cls * stride_bk
@@ -121,21 +131,22 @@ def launch_all_forward(
     bank: Tensor,
     counts: Tensor,
     threshold: float,
-    sorted_rows: Tensor,
-    tiles: Tensor,
+    groups: ClassGroups,
     count: Tensor,
     ssum: Tensor,
     dsum: Tensor,
     config: TileConfig,
     precision: str | None,
 ) -> None:
-    """Fill ``count``, ``ssum`` and ``dsum`` (``dsum`` pre-set to zero) for the scheduled rows."""
+    """Fill ``count``, ``ssum`` and ``dsum`` for every row (``dsum`` pre-set to zero where
+    ``C`` is streamed, as the kernel accumulates into it; otherwise all three may be ``empty``)."""
     _, points, dim = features.shape
-    _thresholded_sum_kernel[(tiles.shape[0],)](
+    num_classes = bank.shape[0]
+    _thresholded_sum_kernel[(max_row_tiles(count.shape[0], num_classes + 1, config.block_m),)](
         features, *features.stride(), points, dim,
         bank, *bank.stride(), bank.shape[1], counts, float(threshold),
-        tiles, sorted_rows, count, ssum, dsum,
-        BLOCK_M=config.block_m, BLOCK_N=config.block_n, BLOCK_C=config.block_c,
+        groups.bounds, num_classes, groups.rows, count, ssum, dsum,
+        BLOCK_M=config.block_m, BLOCK_N=config.block_n, BLOCK_C=config.block_c, CLASS_BLOCK=class_block(num_classes),
         C_RESIDENT=config.c_resident, UPCAST=precision is not None, PRECISION=precision, DSUM_STAGES=config.dsum_stages,
         num_warps=config.num_warps, num_stages=config.num_stages,
     )
