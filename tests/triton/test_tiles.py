@@ -167,6 +167,13 @@ def test_autotune_skips_candidates_this_gpu_cannot_launch():
         tiles.choose("k2", candidates, default_fails, timer=lambda fn, repeats: fn() or 1.0)
 
 
+def test_next_power_of_2_is_tritons():
+    import triton
+
+    for n in [0, 1, 2, 3, 4, 5, 16, 17, 255, 256, 257, 2**20 - 1, 2**20 + 1]:
+        assert tiles.next_power_of_2(n) == triton.next_power_of_2(max(n, 1)), n
+
+
 def test_shape_class_rounds_sizes():
     bank = torch.zeros(19, 3000, 256)
     key = tiles.shape_class("max", torch.zeros(2, 1000, 256), bank, None)

@@ -16,6 +16,7 @@ import triton.language as tl
 from torch import Tensor
 
 from cossim_fast.backends.triton.ring_buffer import cast_rne
+from cossim_fast.backends.triton.tiles import next_power_of_2
 
 EPS = tl.constexpr(1e-12)  # as torch.nn.functional.normalize
 MAX_BLOCK_C = 4096
@@ -69,7 +70,7 @@ def _launch(features: Tensor, grad: Tensor, sims: Tensor, pulled: Tensor, labels
     out = torch.empty(num_rows, dim, dtype=features.dtype, device=features.device)
     if num_rows == 0:
         return out
-    block_c = min(max(16, triton.next_power_of_2(dim)), MAX_BLOCK_C)
+    block_c = min(max(16, next_power_of_2(dim)), MAX_BLOCK_C)
     block_r = max(1, min(64, ELEMENTS_PER_PROGRAM // block_c))
     gather = labels is not None
     # "max" gathers from the (K, M, C) bank; "all" reads row i of the (N, C) dsum (no slot stride).

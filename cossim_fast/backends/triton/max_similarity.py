@@ -38,7 +38,7 @@ import triton.language as tl
 from torch import Tensor
 
 from cossim_fast.backends.schedule import ClassGroups, max_row_tiles
-from cossim_fast.backends.triton.tiles import TileConfig
+from cossim_fast.backends.triton.tiles import TileConfig, next_power_of_2
 
 EPS = tl.constexpr(1e-12)  # as torch.nn.functional.normalize
 NO_WINNER = tl.constexpr(-(2**63))  # the packed key of a split without a slot: below every other
@@ -231,7 +231,7 @@ def _merge_splits_kernel(
 
 def class_block(num_classes: int) -> int:
     """``tile_rows``'s vector width over the ``K + 1`` row segments (a power of two)."""
-    return triton.next_power_of_2(num_classes + 1)
+    return next_power_of_2(num_classes + 1)
 
 
 def launch_max_forward(

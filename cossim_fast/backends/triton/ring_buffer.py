@@ -14,6 +14,7 @@ import triton.language as tl
 from torch import Tensor
 
 from cossim_fast.backends.ring_buffer import advance, plan_visits
+from cossim_fast.backends.triton.tiles import next_power_of_2
 
 ELEMENTS_PER_PROGRAM = 4096
 
@@ -83,7 +84,7 @@ def ring_buffer_update(
         return
     plan = plan_visits(labels, order, num_classes, max_per_class)
 
-    block_c = min(max(16, triton.next_power_of_2(dim)), 256)
+    block_c = min(max(16, next_power_of_2(dim)), 256)
     block_s = max(16, ELEMENTS_PER_PROGRAM // block_c)
     grid = (triton.cdiv(num_classes * slots, block_s), triton.cdiv(dim, block_c))
     _ring_buffer_kernel[grid](

@@ -17,13 +17,13 @@ reports them. A candidate this GPU or compiler cannot build or launch is skipped
 
 from __future__ import annotations
 
+import functools
 import os
 import statistics
 from collections.abc import Callable, Hashable
 from dataclasses import dataclass, replace
 
 import torch
-import triton
 from triton.compiler.errors import CompileTimeAssertionFailure
 from triton.runtime.errors import OutOfResources, PTXASError
 
@@ -60,8 +60,14 @@ class TileConfig:
         )
 
 
+def next_power_of_2(n: int) -> int:
+    """The least power of two >= ``n`` (1 for ``n <= 1``): ``triton.next_power_of_2`` without its
+    wrapper's microseconds, which count on the host path of every call."""
+    return 1 << max(n - 1, 0).bit_length()
+
+
 def padded_dim(dim: int) -> int:
-    return max(16, triton.next_power_of_2(dim))
+    return max(16, next_power_of_2(dim))
 
 
 def interpreter_config(dim: int) -> TileConfig:
@@ -70,6 +76,7 @@ def interpreter_config(dim: int) -> TileConfig:
     return TileConfig(32, 32, min(padded, 64), padded <= 64, 4, 1)
 
 
+@functools.cache  # built once per regime: asked on every forward call
 def space(mode: str, dim: int, sixteen_bit: bool) -> tuple[TileConfig, ...]:
     """The candidates for ``mode`` ("max" or "all") at this ``C``; the first is the default.
 
@@ -176,7 +183,7 @@ def shape_class(mode: str, features: torch.Tensor, bank: torch.Tensor, precision
     rows = features.shape[0] * features.shape[1]
     return (
         mode, str(features.device), features.dtype, bank.dtype, precision, dim, num_classes,
-        triton.next_power_of_2(max(slots, 1)), triton.next_power_of_2(max(rows, 1)), features.stride(2) == 1,
+        next_power_of_2(slots), next_power_of_2(rows), features.stride(2) == 1,
     )
 
 
