@@ -90,3 +90,50 @@ def test_ranks_evaluate_the_same_batchnorm_statistics_and_sync_once_per_iteratio
     assert two[0]["allreduced_buckets"].count(0) == 2, two[0]["allreduced_buckets"]
     for name, value in two[0]["model"].items():
         assert torch.equal(two[1]["model"][name], value), name
+
+
+GATHER_WORKER = r"""
+import sys
+import torch
+import torch.distributed as dist
+from cossim_fast import FeatureDictionary
+from cossim_fast.dictionary import distributed
+
+dist.init_process_group("gloo")
+rank = dist.get_rank()
+if sys.argv[2] == "nccl":  # a default group without gloo: the row counts need their own group
+    made = []
+    new_group = dist.new_group
+    distributed.dist.get_backend = lambda group=None: "nccl"
+    distributed.dist.new_group = lambda **kwargs: made.append(kwargs) or new_group(**kwargs)
+gen = torch.Generator().manual_seed(rank)
+dictionary = FeatureDictionary(3, 4, 5)
+for step in range(2):  # ranks hold 3 and 4 rows: the shorter one is padded
+    dictionary.update(torch.randn(3 + rank, 5, generator=gen), torch.randint(0, 3, (3 + rank,), generator=gen))
+if sys.argv[2] == "nccl":
+    assert made == [{"backend": "gloo"}], made  # made once, on the first update
+torch.save({"bank": dictionary.bank, "counts": dictionary.counts, "ptr": dictionary.ptr}, f"{sys.argv[1]}.rank{rank}.pt")
+"""
+
+
+@pytest.mark.parametrize("default_backend", ["gloo", "nccl"])
+def test_ranks_with_different_row_counts_keep_the_combined_dictionary(tmp_path, default_backend):
+    script = tmp_path / "gather.py"
+    script.write_text(GATHER_WORKER)
+    out = tmp_path / "gather"
+    command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_addr=127.0.0.1",
+               f"--master_port={_free_port()}", str(script), str(out), default_backend]
+    done = subprocess.run(command, capture_output=True, text=True, timeout=300, env=dict(os.environ, OMP_NUM_THREADS="1"))
+    assert done.returncode == 0, done.stderr[-3000:]
+    ranks = [torch.load(f"{out}.rank{r}.pt", weights_only=True) for r in range(2)]
+    # One process fed both ranks' rows in rank order, step by step, writes the same dictionary.
+    from cossim_fast import FeatureDictionary
+
+    gens = [torch.Generator().manual_seed(r) for r in range(2)]
+    alone = FeatureDictionary(3, 4, 5)
+    for step in range(2):
+        rows = [(torch.randn(3 + r, 5, generator=gens[r]), torch.randint(0, 3, (3 + r,), generator=gens[r])) for r in range(2)]
+        alone.update(torch.cat([f for f, _ in rows]), torch.cat([y for _, y in rows]))
+    for state in ranks:
+        assert torch.equal(state["bank"], alone.bank)
+        assert torch.equal(state["counts"], alone.counts) and torch.equal(state["ptr"], alone.ptr)
