@@ -18,7 +18,7 @@ def _grouping_by_hand(labels: torch.Tensor, num_classes: int):
     return torch.tensor(rows, dtype=torch.int64), per_class, torch.cumsum(per_class, 0) - per_class
 
 
-@pytest.mark.parametrize("num_classes", [1, 19, 254, 255, 256, 32767, 32768, 70000])
+@pytest.mark.parametrize("num_classes", [1, 19, 253, 254, 255, 256, 32766, 32767, 32768, 70000])
 def test_grouping_at_the_key_type_boundaries(num_classes):
     gen = torch.Generator().manual_seed(num_classes)
     top = [num_classes - 1, num_classes - 2 if num_classes > 1 else 0]
@@ -32,11 +32,14 @@ def test_grouping_at_the_key_type_boundaries(num_classes):
     assert torch.equal(groups.rows, rows)
     assert torch.equal(groups.per_class, per_class) and torch.equal(groups.first, first)
     assert groups.rows.dtype == groups.per_class.dtype == groups.first.dtype == torch.int64
+    # The rows of no class run from bounds[K] to bounds[K + 1] = N (the Triton kernels' last segment).
+    assert groups.bounds.shape == (num_classes + 2,)
+    assert groups.bounds[-2] == per_class.sum() and groups.bounds[-1] == labels.numel()
 
 
-def test_key_dtype_holds_the_no_class_key():
-    assert _key_dtype(255) == torch.uint8 and _key_dtype(256) == torch.int16
-    assert _key_dtype(32767) == torch.int16 and _key_dtype(32768) == torch.int32
+def test_key_dtype_holds_the_no_class_key_and_the_search_end():
+    assert _key_dtype(254) == torch.uint8 and _key_dtype(255) == torch.int16
+    assert _key_dtype(32766) == torch.int16 and _key_dtype(32767) == torch.int32
 
 
 def test_grouping_of_no_rows():

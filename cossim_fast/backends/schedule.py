@@ -34,15 +34,17 @@ class ClassGroups:
 
 
 def _key_dtype(num_classes: int) -> torch.dtype:
-    """The narrowest integer type holding ``0..K`` (``K`` = no class): 1 byte per row for K <= 255."""
+    """The narrowest integer type holding ``0..K + 1`` (``K`` = no class, ``K + 1`` the bounds'
+    search end): 1 byte per row for K <= 254."""
     for dtype in (torch.uint8, torch.int16, torch.int32):
-        if num_classes <= torch.iinfo(dtype).max:
+        if num_classes + 1 <= torch.iinfo(dtype).max:
             return dtype
     return torch.int64
 
 
 def group_by_class(labels: Tensor, num_classes: int) -> ClassGroups:
-    """Group rows by their label; labels outside ``[0, K)`` belong to no class.
+    """Group rows by their ``(N,)`` int64 labels (the contract's form; signed: below 0 is no
+    class); labels outside ``[0, K)`` belong to no class.
 
     The sort key is one byte per row (for K <= 255), which keeps the sort's scratch small and
     its radix passes few; class boundaries come from a search in the sorted keys. Six device
@@ -76,22 +78,23 @@ class ClassTiles:
 def class_tiles(labels: Tensor, num_classes: int, block_m: int) -> ClassTiles:
     """The (class, row tile) schedule of the fused kernels (MoE-style routing).
 
-    Each class's rows are padded to whole tiles, and the grid is ``max_row_tiles``. The Triton
-    kernels find their tile themselves from ``ClassGroups.bounds`` (``row_tile`` there); the CUDA
-    kernels read it here.
+    Each class's rows are padded to whole tiles, and the grid is ``max_row_tiles``. The CUDA
+    kernels read their tile here; the Triton kernels find it themselves from
+    ``ClassGroups.bounds`` (``triton.max_similarity.tile_rows``).
     """
     num_rows, device = labels.numel(), labels.device
     if num_rows == 0 or num_classes == 0:
         return ClassTiles(torch.arange(num_rows, device=device), torch.empty(0, 3, dtype=torch.int64, device=device))
     groups = group_by_class(labels, num_classes)
-    tiles_of = torch.div(groups.per_class + block_m - 1, block_m, rounding_mode="floor")
+    per_class, first = groups.per_class, groups.first
+    tiles_of = torch.div(per_class + block_m - 1, block_m, rounding_mode="floor")
     tiles_end = torch.cumsum(tiles_of, 0)
     num_programs = max_row_tiles(num_rows, num_classes, block_m)
     program = torch.arange(num_programs, device=device)
     owner = torch.searchsorted(tiles_end, program, right=True)
     scheduled = owner < num_classes
     cls = owner.clamp(max=num_classes - 1)
-    start = groups.first[cls] + (program - (tiles_end[cls] - tiles_of[cls])) * block_m
-    end = torch.minimum(start + block_m, groups.first[cls] + groups.per_class[cls])
+    start = first[cls] + (program - (tiles_end[cls] - tiles_of[cls])) * block_m
+    end = torch.minimum(start + block_m, first[cls] + per_class[cls])
     tiles = torch.stack([torch.where(scheduled, cls, -1), start, end], dim=1).contiguous()
     return ClassTiles(groups.rows, tiles)

@@ -8,6 +8,8 @@ program past the last tile finding nothing.
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import pytest
 import torch
 
@@ -17,9 +19,11 @@ import triton
 import triton.language as tl
 from torch.utils._python_dispatch import TorchDispatchMode
 
+from cossim_fast.backends.reference import ReferenceBackend
 from cossim_fast.backends.schedule import group_by_class, max_row_tiles
+from cossim_fast.backends.triton import TritonBackend, backend, max_similarity, thresholded_sum, tiles
 from cossim_fast.backends.triton.max_similarity import class_block, tile_rows
-from triton_cases import DEVICES
+from triton_cases import DEVICES, IGNORE, assert_same_all, assert_same_max, make_case
 
 pytestmark = pytest.mark.skipif(not DEVICES, reason="Triton needs a CUDA GPU or TRITON_INTERPRET=1")
 
@@ -87,10 +91,37 @@ def test_random_labels_over_many_classes(num_classes, device):
     assert got[: len(want)] == want and all(found == (-1, []) for found in got[len(want) :])
 
 
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("num_classes", [1, 3, 254, 255])  # the one-byte sort key holds K up to 254
+@pytest.mark.parametrize("dim", [20, 80])  # C resident, C streamed (the interpreter's tiles)
+def test_every_row_is_written_over_stale_outputs(num_classes, dim, device):
+    """The outputs start as ``torch.empty``: whatever memory held must never survive, for rows
+    of no class, of an empty bucket, or of a bucket, with and without slot splits."""
+    counts = [0] + [40] * (num_classes - 1) if num_classes > 1 else [40]
+    features, labels, bank, counts = make_case(num_classes, 40, dim, counts, 70, dtype=torch.float32, device=device)
+    groups = group_by_class(labels, num_classes)
+    precision = backend.dot_precision(features.dtype, bank.dtype)
+    config = tiles.interpreter_config(dim) if backend.INTERPRET else tiles.space("max", dim, False)[0]
+    reference = ReferenceBackend().max_forward(features, labels, bank, counts, IGNORE)
+    for splits in (1, 2, 4):
+        values = torch.full((70,), float("nan"), device=device)
+        indices = torch.full((70,), -7, device=device)
+        max_similarity.launch_max_forward(
+            features, bank, counts, groups, values, indices, replace(config, slot_splits=splits), precision
+        )
+        assert_same_max(features, labels, bank, counts, (values, indices), reference, torch.float32)
+    config = tiles.interpreter_config(dim) if backend.INTERPRET else tiles.space("all", dim, False)[0]
+    count = torch.full((70,), -7, device=device)
+    ssum = torch.full((70,), float("nan"), device=device)
+    dsum = torch.full((70, dim), float("nan"), device=device) if config.c_resident else torch.zeros(70, dim, device=device)
+    thresholded_sum.launch_all_forward(features, bank, counts, 0.05, groups, count, ssum, dsum, config, precision)
+    assert_same_all(features, labels, bank, counts, (count, ssum, dsum), torch.float32)
+
+
 class _DeviceOps(TorchDispatchMode):
     """Records the ATen ops that do work (a launch each on a GPU); views and bare allocations are free."""
 
-    FREE = {"view", "_unsafe_view", "as_strided", "slice", "select", "unsqueeze", "alias", "detach", "empty", "empty_strided"}
+    FREE = frozenset({"view", "_unsafe_view", "as_strided", "slice", "select", "unsqueeze", "alias", "detach", "empty", "empty_strided"})
 
     def __init__(self):
         super().__init__()
@@ -107,8 +138,6 @@ def test_a_forward_launches_six_small_ops_besides_its_kernels(mode, monkeypatch)
     """Host time per small op dominated the GPU forward at training sizes (about 1 ms at N = 16384
     on an H200, against about 0.2 ms of kernel): the schedule is the class sort and its bounds,
     and the kernels write every row, so the outputs need no fill."""
-    from cossim_fast.backends.triton import TritonBackend, max_similarity, thresholded_sum
-
     launches = []
     kernel = {"max": (max_similarity, "_max_forward_kernel"), "all": (thresholded_sum, "_thresholded_sum_kernel")}[mode]
     monkeypatch.setattr(*kernel, type("Recorded", (), {"__getitem__": lambda self, grid: lambda *a, **k: launches.append(grid)})())
