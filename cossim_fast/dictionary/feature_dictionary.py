@@ -45,8 +45,8 @@ class FeatureDictionary(nn.Module):
     write), all saved in the state dict. Under ``torch.distributed`` (and ``sync_distributed``),
     ``update`` gathers every rank's rows first so all ranks keep identical dictionaries; a
     ``generator`` must then be seeded alike on every rank (the trainer's are), or their random
-    orders, and so their dictionaries, differ. No update waits for the GPU: the ranks' row
-    counts are exchanged on the host (``distributed.host_group``).
+    orders, and so their dictionaries, differ. The gather reads the ranks' row counts on the host
+    (one synchronization per update; the single-process update has none).
     """
 
     def __init__(

@@ -12,8 +12,20 @@ import torch
 
 from conftest import tiny_overrides
 
+#: Workers end here. With torch 2.14, a gloo process group and a torch.library custom op in one
+#: process abort at interpreter exit now and then ("terminate called without an active
+#: exception", SIGABRT, after all work is done: gloo's threads release tensors during
+#: finalization; pytorch/pytorch#179291). Reproduced here without cossim_fast (a custom op and
+#: two all_gathers: 3 aborts in 20 runs), so the workers skip finalization once their results
+#: are saved.
+EXIT_WITHOUT_FINALIZATION = r"""
+dist.destroy_process_group() if dist.is_initialized() else None
+sys.stdout.flush(); sys.stderr.flush()
+os._exit(0)
+"""
+
 WORKER = r"""
-import json, sys
+import json, os, sys
 import torch
 import torch.distributed as dist
 from torch.distributed.algorithms.ddp_comm_hooks.default_hooks import allreduce_hook
@@ -32,7 +44,7 @@ torch.save({"bank": trainer.dictionary.bank, "counts": trainer.dictionary.counts
             "model": trainer.model.state_dict(), "pixels": result["pixels"], "allreduced_buckets": allreduces,
             "logged_ce": torch.tensor([row["loss_ce"] for row in trainer.history if "loss_ce" in row])},
            f"{out}.rank{rank}.pt")
-"""
+""" + EXIT_WITHOUT_FINALIZATION
 
 
 def _free_port() -> int:
@@ -93,36 +105,27 @@ def test_ranks_evaluate_the_same_batchnorm_statistics_and_sync_once_per_iteratio
 
 
 GATHER_WORKER = r"""
-import sys
+import os, sys
 import torch
 import torch.distributed as dist
 from cossim_fast import FeatureDictionary
-from cossim_fast.dictionary import distributed
 
 dist.init_process_group("gloo")
 rank = dist.get_rank()
-if sys.argv[2] == "nccl":  # a default group without gloo: the row counts need their own group
-    made = []
-    new_group = dist.new_group
-    distributed.dist.get_backend = lambda group=None: "nccl"
-    distributed.dist.new_group = lambda **kwargs: made.append(kwargs) or new_group(**kwargs)
 gen = torch.Generator().manual_seed(rank)
 dictionary = FeatureDictionary(3, 4, 5)
 for step in range(2):  # ranks hold 3 and 4 rows: the shorter one is padded
     dictionary.update(torch.randn(3 + rank, 5, generator=gen), torch.randint(0, 3, (3 + rank,), generator=gen))
-if sys.argv[2] == "nccl":
-    assert made == [{"backend": "gloo"}], made  # made once, on the first update
 torch.save({"bank": dictionary.bank, "counts": dictionary.counts, "ptr": dictionary.ptr}, f"{sys.argv[1]}.rank{rank}.pt")
-"""
+""" + EXIT_WITHOUT_FINALIZATION
 
 
-@pytest.mark.parametrize("default_backend", ["gloo", "nccl"])
-def test_ranks_with_different_row_counts_keep_the_combined_dictionary(tmp_path, default_backend):
+def test_ranks_with_different_row_counts_keep_the_combined_dictionary(tmp_path):
     script = tmp_path / "gather.py"
     script.write_text(GATHER_WORKER)
     out = tmp_path / "gather"
     command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_addr=127.0.0.1",
-               f"--master_port={_free_port()}", str(script), str(out), default_backend]
+               f"--master_port={_free_port()}", str(script), str(out)]
     done = subprocess.run(command, capture_output=True, text=True, timeout=300, env=dict(os.environ, OMP_NUM_THREADS="1"))
     assert done.returncode == 0, done.stderr[-3000:]
     ranks = [torch.load(f"{out}.rank{r}.pt", weights_only=True) for r in range(2)]
