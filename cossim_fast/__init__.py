@@ -29,5 +29,6 @@ __all__ = [
 
 
 def extension_status() -> str:
-    """Whether the compiled extension ``cossim_fast._C`` is loaded, and if not, why."""
-    return _extension.info() if _extension.is_loaded() else f"not loaded: {_extension.load_error}"
+    """Whether the compiled extension ``cossim_fast._C`` is loaded and what it was built with
+    (CUDA version, GPU architectures, torch), and if it is not loaded, why."""
+    return _extension.describe()

@@ -165,6 +165,20 @@ def has_cuda_kernels() -> bool:
     return is_loaded() and _fields(_info).get("cuda", "none") != "none"
 
 
+def describe() -> str:
+    """:func:`info` in words: ``loaded: CUDA 13.0 kernels for sm_80, sm_90 (+PTX); built for
+    torch 2.14``, ``loaded: CPU-only build (...)``, or ``not loaded: <why>``."""
+    if not is_loaded():
+        return f"not loaded: {load_error}"
+    fields = _fields(_info)
+    built = f"built for torch {fields.get('torch', '?')}"
+    if fields.get("cuda", "none") == "none":
+        return f"loaded: CPU-only build, no CUDA kernels (torch was not a CUDA build when it was compiled); {built}"
+    version = int(fields["cuda"])
+    archs = ", ".join("sm_" + arch.replace(".", "").replace("+PTX", " (+PTX)") for arch in fields.get("archs", "").split(",") if arch)
+    return f"loaded: CUDA {version // 1000}.{version % 1000 // 10} kernels for {archs or 'the default architectures'}; {built}"
+
+
 def info() -> str:
     """The extension's build description (``cuda=13000;archs=8.0,9.0+PTX;torch=2.14`` or
     ``cuda=none;torch=2.14``), or ``not loaded: <why>``."""

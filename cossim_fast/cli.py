@@ -10,11 +10,16 @@ def _config(args: argparse.Namespace):
     from cossim_fast import configs
     from cossim_fast.training import load_config
 
-    return load_config(configs.resolve(args.config) if args.config else None, args.set)
+    return load_config(configs.resolve(args.config), args.set)
 
 
-def _add_config_options(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--config", help="a YAML file, or a shipped config by name (synthetic, gta2cs_deeplabv2, syn2cs_deeplabv2)")
+def _add_config_options(parser: argparse.ArgumentParser, default: str | None = "synthetic") -> None:
+    shipped = "a YAML file, or a shipped config by name (synthetic, gta2cs_deeplabv2, syn2cs_deeplabv2)"
+    if default:
+        text = f"{shipped}; default: {default} (the embedded synthetic benchmark and its tuned recipe)"
+    else:
+        text = f"{shipped}, applied on top of the checkpoint's own config"
+    parser.add_argument("--config", default=default, help=text)
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a config value, e.g. cosine.weight=0.05")
 
 
@@ -35,8 +40,13 @@ def train(args: argparse.Namespace) -> int:
     from cossim_fast.training import Trainer
 
     resume = None if args.resume == "none" else args.resume
-    result = Trainer(_config(args), resume=resume).train()
-    print({k: v for k, v in result.items() if k.startswith("mIoU") or k == "aAcc"})
+    from cossim_fast.training import distributed
+
+    trainer = Trainer(_config(args), resume=resume)
+    result = trainer.train()
+    distributed.shutdown(trainer.context)
+    scores = ", ".join(f"{k} {100 * v:.2f}" for k, v in result.items() if k.startswith("mIoU") or k == "aAcc")
+    print(f"run folder: {trainer.run_dir} (checkpoints/, metrics, plots){'; last evaluation: ' + scores if scores else ''}")
     return 0
 
 
@@ -62,7 +72,7 @@ def evaluate(args: argparse.Namespace) -> int:
         config.model.name, NUM_CLASSES, feature_point=config.model.feature_point, random_init_notice=False
     ).to(device)
     model.load_state_dict(state["model"])
-    matrix = run_evaluation(model, make_dataset(config.data.val, labels=True, full_resolution_labels=True), device, progress=True)
+    matrix = run_evaluation(model, make_dataset(config.data.val, "data.val", labels=True, full_resolution_labels=True), device, progress=True)
     print(matrix.table(config.data.protocols, title=f"{args.checkpoint} (iteration {state['iteration']})"))
     return 0
 
@@ -83,8 +93,8 @@ def main(argv: list[str] | None = None) -> int:
     command = commands.add_parser(
         "evaluate", help="mIoU of a checkpoint on the target val split (its config, with --config and --set on top)"
     )
-    command.add_argument("checkpoint")
-    _add_config_options(command)
+    command.add_argument("checkpoint", help="a checkpoint of cossim-fast train (OUTPUT_DIR/checkpoints/best.pt or last.pt)")
+    _add_config_options(command, default=None)
     command.set_defaults(run=evaluate)
 
     argv = list(sys.argv[1:] if argv is None else argv)
@@ -96,12 +106,12 @@ def main(argv: list[str] | None = None) -> int:
         return module.main(argv[1:])
     args = parser.parse_args(argv)
     from cossim_fast.data import DatasetError
-    from cossim_fast.training import ConfigError
-    from cossim_fast.training.memory import TrainingOutOfMemoryError
+    from cossim_fast.models import WeightsError
+    from cossim_fast.training import CheckpointError, ConfigError, TrainingOutOfMemoryError
 
     try:
         return args.run(args)
-    except (ConfigError, DatasetError, FileNotFoundError) as error:
+    except (ConfigError, DatasetError, CheckpointError, WeightsError, FileNotFoundError) as error:
         # Input mistakes get one clear line, not a traceback.
         print(f"cossim-fast {args.command}: error: {error}", file=sys.stderr)
         return 2

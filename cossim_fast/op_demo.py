@@ -61,16 +61,17 @@ def run_backend(backend: str, args: argparse.Namespace) -> dict:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="cossim-fast op-demo", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(prog="cossim-fast op-demo", description=__doc__.splitlines()[0],
+                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     parser.add_argument("--rows", type=int, default=8192, help="target rows N (a B x C x H x W map, H = W)")
-    parser.add_argument("--batch", type=int, default=2)
-    parser.add_argument("--classes", type=int, default=19)
+    parser.add_argument("--batch", type=int, default=2, help="images B of the map")
+    parser.add_argument("--classes", type=int, default=19, help="classes K")
     parser.add_argument("--slots", type=int, default=1024, help="dictionary slots per class M")
     parser.add_argument("--dim", type=int, default=256, help="feature channels C")
-    parser.add_argument("--threshold", type=float, default=0.1)
-    parser.add_argument("--mode", choices=("max", "all"), default="max")
-    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--threshold", type=float, default=0.1, help="cosine threshold of the loss")
+    parser.add_argument("--mode", choices=("max", "all"), default="max", help="loss mode")
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="where the tensors live")
+    parser.add_argument("--seed", type=int, default=0, help="seed of the random inputs")
     parser.add_argument("--backend", help=argparse.SUPPRESS)  # internal: run one backend, print JSON
     args = parser.parse_args(argv)
     if args.backend:

@@ -40,6 +40,14 @@ def test_unavailable_backend_falls_back_with_one_warning_that_says_why():
         assert chosen("cuda") == "torch"  # the second time is silent
 
 
+def test_the_fallback_warning_names_the_callers_line():
+    features, labels = torch.randn(4, 5), torch.zeros(4, dtype=torch.long)
+    bank, counts = torch.nn.functional.normalize(torch.randn(2, 3, 5), dim=-1), torch.tensor([3, 3])
+    with pytest.warns(RuntimeWarning, match="no backend 'cuda'") as record:
+        cossim_fast.max_cosine_similarity(features, labels, bank, counts, backend="cuda")  # through the custom op
+    assert record[0].filename == __file__
+
+
 def test_strict_mode_raises_instead_of_falling_back():
     cossim_fast.set_strict(True)
     with pytest.raises(cossim_fast.BackendUnavailableError, match="strict mode"):

@@ -1,5 +1,7 @@
 """Every bad input gets a clear error naming the argument, before any work."""
 
+import warnings
+
 import pytest
 import torch
 
@@ -30,6 +32,8 @@ def loss(threshold=0.5, **kwargs):
         (dict(labels=LABELS.bool()), TypeError, "labels must have an integer dtype"),
         (dict(labels=LABELS[:5]), ValueError, r"labels must have shape \(6,\)"),
         (dict(features=torch.randn(2, 5, 3, 4), labels=torch.zeros(2, 4, 3, dtype=torch.long)), ValueError, r"labels must have shape \(2, 3, 4\)"),
+        (dict(features=torch.randn(2, 5, 3, 4), labels=torch.zeros(2, 24, 32, dtype=torch.long)), ValueError,
+         r"got \(2, 24, 32\); labels at image resolution\? .*downsample_labels\(labels, \(3, 4\)\)"),
         (dict(bank=BANK[0]), ValueError, "bank must be K x M x C"),
         (dict(bank=BANK.int()), TypeError, "bank must be float32"),
         (dict(counts=COUNTS[:2]), ValueError, r"counts must have shape \(K,\) = \(3,\)"),
@@ -77,6 +81,19 @@ def test_value_checks_can_be_switched_off():
 def test_bad_loss_arguments(kwargs, error, match):
     with pytest.raises(error, match=match):
         loss(**kwargs)
+
+
+def test_a_threshold_above_one_warns_that_it_trains_nothing():
+    with pytest.warns(UserWarning, match="threshold 90 is above 1: no cosine similarity exceeds it") as caught:
+        assert loss(threshold=90).item() == 0.0
+    assert caught[0].filename == __file__  # the warning names the caller's line
+    with pytest.warns(UserWarning, match="threshold 1.5 is above 1"):
+        cossim_fast.CosineSimilarityLoss(1.5)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        loss(threshold=1.0)
+        loss(threshold=-3.0)  # below -1: every pair is selected, a valid choice
+        cossim_fast.CosineSimilarityLoss(0.9)
 
 
 @pytest.mark.gpu

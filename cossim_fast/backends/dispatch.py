@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import importlib
 import os
+import sys
 import warnings
 from functools import cache
 
@@ -131,7 +132,17 @@ def _fall_back(op, requested, chosen, reasons, device, dtypes) -> None:
     key = (op, requested, chosen)
     if key not in _warned:
         _warned.add(key)
-        warnings.warn(message, RuntimeWarning, stacklevel=3)
+        warnings.warn(message, RuntimeWarning, stacklevel=_caller_stacklevel())
+
+
+def _caller_stacklevel() -> int:
+    """The ``stacklevel`` of the first frame outside this package and torch: the warning then
+    names the user's line, not the op machinery's (Python 3.12's ``skip_file_prefixes``, by hand)."""
+    inside = (os.path.dirname(os.path.dirname(os.path.abspath(__file__))), os.path.dirname(os.path.abspath(torch.__file__)))
+    frame, level = sys._getframe(1), 1  # level 1: the caller of warnings.warn
+    while frame is not None and frame.f_code.co_filename.startswith(inside):
+        frame, level = frame.f_back, level + 1
+    return level
 
 
 def available_backends(device: str | torch.device | None = None) -> list[str]:

@@ -8,6 +8,7 @@ registered ops (``torch.compile`` cannot branch on data) and can be switched off
 from __future__ import annotations
 
 import os
+import warnings
 from dataclasses import dataclass
 from numbers import Real
 
@@ -79,9 +80,15 @@ def rows_of(features: object, labels: object, dim: int, ignore_index: object) ->
     elif features.dim() == 4:
         batch, channels, height, width = features.shape
         if labels.shape != (batch, height, width):
+            hint = ""
+            if labels.dim() == 3 and labels.shape[0] == batch and labels.shape[1] >= height and labels.shape[2] >= width:
+                hint = (
+                    "; labels at image resolution? Take them to the features' resolution by nearest neighbour: "
+                    f"cossim_fast.training.target_losses.downsample_labels(labels, ({height}, {width}))"
+                )
             raise ValueError(
                 f"labels must have shape ({batch}, {height}, {width}) (B x H x W) for features of shape "
-                f"{tuple(features.shape)} (B x C x H x W), got {tuple(labels.shape)}"
+                f"{tuple(features.shape)} (B x C x H x W), got {tuple(labels.shape)}{hint}"
             )
         canonical, row_shape = features.flatten(2).transpose(1, 2), (batch, height, width)
     else:
@@ -131,6 +138,17 @@ def check_threshold(threshold: object) -> float:
     if threshold != threshold:
         raise ValueError("threshold must not be NaN")
     return threshold
+
+
+def warn_if_threshold_selects_nothing(threshold: float) -> None:
+    """Above 1 no cosine exceeds the threshold: allowed (the tests use it), but in training surely
+    a slip such as 90 for 0.9. Called by the public entry points, so the warning names the caller."""
+    if threshold > 1.0:
+        warnings.warn(
+            f"threshold {threshold:g} is above 1: no cosine similarity exceeds it, so the loss is 0 and trains "
+            "nothing (the threshold is a cosine, e.g. 0.9)",
+            stacklevel=3,
+        )
 
 
 def check_choice(name: str, value: object, choices: tuple[str, ...]) -> str:

@@ -292,7 +292,11 @@ def load_torchvision_weights(module: nn.Module, path: str | Path, *, strict: boo
     """
     path = Path(path)
     if not path.is_file():
-        raise FileNotFoundError(f"pretrained weights file not found: {path}")
+        raise FileNotFoundError(
+            f"pretrained weights file not found: {path} (model.pretrained: a torchvision-format ImageNet ResNet "
+            f"state dict, e.g. torchvision's resnet101 weights saved with torch.save; nothing is downloaded. "
+            f"model.pretrained=null trains from random initialization)"
+        )
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as err:

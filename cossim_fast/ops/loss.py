@@ -104,6 +104,7 @@ def cosine_similarity_loss(
     selected the loss is 0 and still part of the graph (zero gradient).
     """
     inputs.check_choice("reduction", reduction, inputs.REDUCTIONS)
+    inputs.warn_if_threshold_selects_nothing(inputs.check_threshold(threshold))
     loss_sum, selected, flat_labels = loss_terms(
         features, labels, bank, counts, threshold, mode=mode, ignore_index=ignore_index, backend=backend, check_values=check_values
     )

@@ -31,6 +31,7 @@ class CosineSimilarityLoss(nn.Module):
     ) -> None:
         super().__init__()
         self.threshold = inputs.check_threshold(threshold)
+        inputs.warn_if_threshold_selects_nothing(self.threshold)
         self.mode = inputs.check_choice("mode", mode, inputs.MODES)
         self.reduction = inputs.check_choice("reduction", reduction, inputs.REDUCTIONS)
         dispatch.check_backend_name(backend)

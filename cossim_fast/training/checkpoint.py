@@ -83,8 +83,26 @@ def _umask() -> int:
     return mask
 
 
+class CheckpointError(ValueError):
+    """A file that cannot be read as a checkpoint of ``cossim-fast train``."""
+
+
+#: What every checkpoint holds (``Trainer.save_checkpoint``), and what readers index first.
+REQUIRED_KEYS = ("model", "config", "iteration")
+
+
 def load(path: str | Path, map_location: str | torch.device = "cpu") -> dict[str, Any]:
+    """A checkpoint's state; :class:`CheckpointError` for a file that is not one."""
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"checkpoint {path} does not exist")
-    return torch.load(path, map_location=map_location, weights_only=True)
+    what = "a checkpoint of cossim-fast train (OUTPUT_DIR/checkpoints/last.pt or best.pt)"
+    try:
+        state = torch.load(path, map_location=map_location, weights_only=True)
+    except Exception as error:  # noqa: BLE001 - torch.load raises many types for a file it cannot read
+        reason = (str(error).strip().splitlines() or [""])[0][:200]
+        raise CheckpointError(f"{path} cannot be read as {what}: {type(error).__name__}: {reason}") from error
+    missing = [key for key in REQUIRED_KEYS if not isinstance(state, dict) or key not in state]
+    if missing:
+        raise CheckpointError(f"{path} is not {what}: it has no {', '.join(missing)}")
+    return state

@@ -69,6 +69,12 @@ def mean_over_ranks(tensor: torch.Tensor, context: Context | None) -> torch.Tens
     return total / context.world
 
 
+def shutdown(context: Context) -> None:
+    """Destroy the process group at the end of a run, as torch asks (pending work finishes)."""
+    if context.world > 1 and dist.is_initialized():
+        dist.destroy_process_group()
+
+
 def barrier(context: Context) -> None:
     if context.world > 1:
         dist.barrier()

@@ -20,16 +20,24 @@ from cossim_fast.data import CLASS_NAMES, IMAGENET_MEAN, IMAGENET_STD, colorize
 TRAIN_COLUMNS = ("iteration", "loss_ce", "loss_cos", "loss_ent", "selected", "pseudo_kept", "lr", "weight_cos", "it_per_s", "peak_mib")
 
 
+def live_bars() -> bool:
+    """Progress bars only on a terminal: redirected to a file (a cluster job's log), their
+    redraws and cursor moves are noise, and the trainer prints a line per log step instead."""
+    return sys.stderr.isatty()
+
+
 def progress(total: int, initial: int, description: str, *, enabled: bool):
     from tqdm import tqdm
 
-    return tqdm(total=total, initial=initial, desc=description, disable=not enabled, file=sys.stderr, dynamic_ncols=True)
+    return tqdm(total=total, initial=initial, desc=description, disable=not (enabled and live_bars()), file=sys.stderr,
+                dynamic_ncols=True)
 
 
 def progress_iter(items, description: str, *, enabled: bool):
     from tqdm import tqdm
 
-    return tqdm(items, desc=description, disable=not enabled, leave=False, file=sys.stderr, dynamic_ncols=True)
+    return tqdm(items, desc=description, disable=not (enabled and live_bars()), leave=False, file=sys.stderr,
+                dynamic_ncols=True)
 
 
 def brief(row: dict[str, Any]) -> str:

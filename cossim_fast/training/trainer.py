@@ -15,7 +15,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import cossim_fast
-from cossim_fast.data import DATASETS, IGNORE_INDEX, NUM_CLASSES, generate_synthetic_uda
+from cossim_fast.data import DATASETS, IGNORE_INDEX, NUM_CLASSES, DatasetError, generate_synthetic_uda
 from cossim_fast.evaluation import ConfusionMatrix
 from cossim_fast.models import build_model
 from cossim_fast.training import checkpoint, distributed, memory, reporting
@@ -27,14 +27,18 @@ from cossim_fast.training.target_losses import class_shares, downsample_labels, 
 CHECKPOINT_DIR = "checkpoints"
 
 
-def make_dataset(domain: DomainConfig, *, labels: bool, full_resolution_labels: bool = False):
-    """A dataset of the configured layout, checked before training starts (pre-flight)."""
+def make_dataset(domain: DomainConfig, key: str, *, labels: bool, full_resolution_labels: bool = False):
+    """A dataset of the configured layout, checked before training starts (pre-flight); its
+    errors name the config ``key`` (e.g. ``data.source``) whose root or kind to change."""
     kind = DATASETS[domain.kind]
     options: dict[str, Any] = dict(load_labels=labels, resize=tuple(domain.size), resize_label=not full_resolution_labels)
     if domain.kind == "cityscapes":
         options["split"] = domain.split
-    dataset = kind(domain.root, **options)
-    dataset.preflight()
+    try:
+        dataset = kind(domain.root, **options)
+        dataset.preflight()
+    except DatasetError as error:
+        raise DatasetError(f"{key} ({key}.kind={domain.kind}, {key}.root={domain.root}): {error}") from error
     return dataset
 
 
@@ -91,17 +95,18 @@ class Trainer:
 
         if config.data.synthetic.enabled:
             self._generate_synthetic_data()
-        self.source = make_dataset(config.data.source, labels=True)
-        self.target = make_dataset(config.data.target, labels=False)
-        self.val = make_dataset(config.data.val, labels=True, full_resolution_labels=True)
+        self.source = make_dataset(config.data.source, "data.source", labels=True)
+        self.target = make_dataset(config.data.target, "data.target", labels=False)
+        self.val = make_dataset(config.data.val, "data.val", labels=True, full_resolution_labels=True)
         if config.data.num_workers == 0:
             self.source, self.target = CachedDataset(self.source), CachedDataset(self.target)
 
+        resume_from = self._resume_path(resume)
         model = build_model(
             config.model.name, NUM_CLASSES, pretrained=config.model.pretrained,
             feature_point=config.model.feature_point, freeze_bn=config.model.freeze_bn,
             activation_checkpointing=config.model.activation_checkpointing,
-            random_init_notice=config.model.init_from is None,
+            random_init_notice=config.model.init_from is None and resume_from is None,  # else weights come later
         ).to(self.device)
         if config.model.init_from:
             model.load_state_dict(checkpoint.load(config.model.init_from)["model"])
@@ -119,7 +124,7 @@ class Trainer:
         self.iteration = 0
         self.best_miou = -1.0
         self.history: list[dict[str, Any]] = []
-        self._resume(resume)
+        self._resume(resume_from)
         if self.context.is_main:
             self.run_dir.mkdir(parents=True, exist_ok=True)
             save_config(config, self.run_dir / "config.yaml")
@@ -143,11 +148,14 @@ class Trainer:
             return torch.optim.SGD(groups, lr=optim.lr, momentum=optim.momentum, weight_decay=optim.weight_decay)
         return torch.optim.AdamW(groups, lr=optim.lr, weight_decay=optim.weight_decay)
 
-    def _resume(self, resume: str | None) -> None:
-        path = None if resume is None else Path(resume)
-        if resume == "auto":
-            path = self.run_dir / CHECKPOINT_DIR / "last.pt"
-            path = path if path.is_file() else None
+    def _resume_path(self, resume: str | None) -> Path | None:
+        """The checkpoint to resume from: ``resume`` itself, or with "auto" the run's last one if any."""
+        if resume != "auto":
+            return None if resume is None else Path(resume)
+        path = self.run_dir / CHECKPOINT_DIR / "last.pt"
+        return path if path.is_file() else None
+
+    def _resume(self, path: Path | None) -> None:
         if path is None:
             self._start_fresh()
             return
@@ -341,7 +349,13 @@ class Trainer:
         if not self.context.is_main:
             return
         reporting.append_metrics(row, self.run_dir)
-        bar.set_postfix_str(reporting.brief(row))
+        if not self.progress:
+            return
+        if reporting.live_bars():
+            bar.set_postfix_str(reporting.brief(row))
+        else:
+            print(f"iteration {row['iteration']}/{self.config.train.iterations}: {reporting.brief(row)}, "
+                  f"{row['it_per_s']:.2f} it/s", flush=True)
 
     def evaluate_and_keep(self, final: bool) -> dict[str, Any]:
         distributed.broadcast_buffers(self.model, self.context)  # every rank scores rank 0's model

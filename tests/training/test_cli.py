@@ -44,6 +44,17 @@ def test_bad_input_is_one_clear_line(tmp_path, capsys):
     assert "does not exist" in capsys.readouterr().err
     assert cli.main(["evaluate", str(tmp_path / "none.pt")]) == 2
     assert "checkpoint" in capsys.readouterr().err
+    # A data set error names the config key to change.
+    assert cli.main(["train", "--config", "gta2cs_deeplabv2", "--set", f"data.source.root={tmp_path / 'nowhere'}"]) == 2
+    assert "error: data.source (data.source.kind=gta5, data.source.root=" in capsys.readouterr().err
+    # Files that are not checkpoints: text, and a tensor file without a checkpoint's keys.
+    (tmp_path / "config.yaml").write_text("model: {name: deeplabv2_small}\n")
+    import torch
+
+    torch.save({"weights": torch.zeros(2)}, tmp_path / "weights.pt")
+    for name, why in (("config.yaml", "cannot be read as a checkpoint of cossim-fast train"), ("weights.pt", "it has no model, config, iteration")):
+        assert cli.main(["evaluate", str(tmp_path / name)]) == 2
+        assert why in capsys.readouterr().err
 
 
 def test_out_of_memory_names_the_levers_left(tiny_data, tmp_path, capsys, monkeypatch):

@@ -176,7 +176,8 @@ def test_dictionary_fills_during_the_loss_warm_up(tiny_config):
 
 def test_checkpoint_files_are_readable_as_the_umask_allows(tmp_path):
     path = tmp_path / "last.pt"
-    checkpoint.save_atomic({"iteration": 1}, path)
+    state = {"model": {}, "config": "{}"}
+    checkpoint.save_atomic({**state, "iteration": 1}, path)
     mask = os.umask(0)
     os.umask(mask)
     assert stat.S_IMODE(path.stat().st_mode) == 0o666 & ~mask
@@ -184,14 +185,15 @@ def test_checkpoint_files_are_readable_as_the_umask_allows(tmp_path):
 
 def test_checkpoint_write_is_atomic(tmp_path, monkeypatch):
     path = tmp_path / "last.pt"
-    checkpoint.save_atomic({"iteration": 1}, path)
+    state = {"model": {}, "config": "{}"}
+    checkpoint.save_atomic({**state, "iteration": 1}, path)
 
     def crash(*args, **kwargs):
         raise KeyboardInterrupt  # killed halfway through writing
 
     monkeypatch.setattr(torch, "save", crash)
     with pytest.raises(KeyboardInterrupt):
-        checkpoint.save_atomic({"iteration": 2}, path)
+        checkpoint.save_atomic({**state, "iteration": 2}, path)
     assert checkpoint.load(path)["iteration"] == 1
     assert [p.name for p in tmp_path.iterdir()] == ["last.pt"]  # no temporary left behind
 
@@ -237,3 +239,13 @@ def test_start_from_a_source_only_checkpoint(tiny_config):
     for name, value in source_only.model.state_dict().items():
         assert torch.equal(adapted.model.state_dict()[name], value), name
     assert adapted.iteration == 0
+
+
+def test_without_a_terminal_progress_is_a_line_per_log_step(tiny_config, capsys):
+    # Under pytest stderr is not a terminal, as in a job whose output goes to a file: no bar
+    # redraws or cursor moves, one plain line per log step instead.
+    Trainer(tiny_config("cosine.enabled=false", "train.iterations=4", "train.eval_every=4"), resume=None).train()
+    out, err = capsys.readouterr()
+    lines = [line for line in out.splitlines() if line.startswith("iteration ")]
+    assert [line.split(":")[0] for line in lines] == ["iteration 2/4", "iteration 4/4"], out
+    assert "it/s" in lines[0] and "\r" not in err and "\x1b[" not in err
