@@ -37,11 +37,9 @@ def generate_data(args: argparse.Namespace) -> int:
 
 
 def train(args: argparse.Namespace) -> int:
-    from cossim_fast.training import Trainer
+    from cossim_fast.training import Trainer, distributed
 
     resume = None if args.resume == "none" else args.resume
-    from cossim_fast.training import distributed
-
     trainer = Trainer(_config(args), resume=resume)
     result = trainer.train()
     distributed.shutdown(trainer.context)
