@@ -46,7 +46,7 @@ def group_by_class(labels: Tensor, num_classes: int) -> ClassGroups:
     """Group rows by their ``(N,)`` int64 labels (the contract's form; signed: below 0 is no
     class); labels outside ``[0, K)`` belong to no class.
 
-    The sort key is one byte per row (for K <= 255), which keeps the sort's scratch small and
+    The sort key is one byte per row (for K <= 254), which keeps the sort's scratch small and
     its radix passes few; class boundaries come from a search in the sorted keys. Six device
     ops in all: every op here is a launch and host time on the GPU.
     """

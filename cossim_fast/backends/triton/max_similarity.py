@@ -1,11 +1,11 @@
 """Forward "max": per row, the max cosine similarity over its class bucket, and its slot.
 
-One program per (class, row tile) streams that class's ``counts[k]`` valid slots, ``BLOCK_N`` at a time, and keeps a running max/argmax per row of the
-raw dot products (bank rows are unit-norm); only the winner is scaled by the row's inverse norm,
-so no normalized copy of the features exists. Each program finds its row tile itself
-(``tile_rows``) from the class bounds of the rows sorted by class
-(``cossim_fast.backends.schedule.group_by_class``): building the schedule takes a sort and a
-search, not a chain of small device ops that each cost a launch. Two regimes, by ``C``:
+One program per (class, row tile) streams that class's ``counts[k]`` valid slots, ``BLOCK_N`` at
+a time, and keeps a running max/argmax per row of the raw dot products (bank rows are
+unit-norm); only the winner is scaled by the row's inverse norm, so no normalized copy of the
+features exists. Each program finds its row tile itself (``tile_rows``) from the class bounds
+of the rows sorted by class (``cossim_fast.backends.schedule.group_by_class``): building the
+schedule takes a sort and a search, not a chain of small device ops that each cost a launch. Two regimes, by ``C``:
 
 - ``C_RESIDENT``: the whole ``BLOCK_M x C`` row tile is loaded once and stays in registers;
 - otherwise each slot tile is a small GEMM with a loop over ``C`` in ``BLOCK_C`` chunks.
@@ -258,12 +258,12 @@ def launch_max_forward(
         norms = torch.empty(num_rows, dtype=torch.float32, device=values.device)
     else:
         keys, norms = indices, values  # not read or written
-    num_tiles = max_row_tiles(num_rows, num_classes + 1, config.block_m)
+    num_tiles, segments = max_row_tiles(num_rows, num_classes + 1, config.block_m), class_block(num_classes)
     _max_forward_kernel[(num_tiles * splits,)](
         features, *features.stride(), points, dim,
         bank, *bank.stride(), bank.shape[1], counts,
         groups.bounds, num_classes, groups.rows, values, indices, keys, norms, num_rows,
-        BLOCK_M=config.block_m, BLOCK_N=config.block_n, BLOCK_C=config.block_c, CLASS_BLOCK=class_block(num_classes),
+        BLOCK_M=config.block_m, BLOCK_N=config.block_n, BLOCK_C=config.block_c, CLASS_BLOCK=segments,
         C_RESIDENT=config.c_resident, UPCAST=precision is not None, PRECISION=precision, SPLITS=splits,
         FLATTEN=config.flatten,
         num_warps=config.num_warps, num_stages=config.num_stages,
@@ -271,5 +271,5 @@ def launch_max_forward(
     if splits > 1:
         _merge_splits_kernel[(num_tiles,)](
             keys, norms, num_rows, groups.bounds, num_classes, groups.rows, values, indices,
-            BLOCK_M=config.block_m, CLASS_BLOCK=class_block(num_classes), SPLITS=splits,
+            BLOCK_M=config.block_m, CLASS_BLOCK=segments, SPLITS=splits,
         )

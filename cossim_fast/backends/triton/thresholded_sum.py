@@ -1,10 +1,11 @@
 """Forward "all": per row, the slots whose similarity exceeds the threshold, summed.
 
-Same schedule as ``max_similarity`` (one program per (class, row tile), found by ``tile_rows``). For every slot tile the
-program computes the similarities ``S``, selects ``S > threshold`` and accumulates the count,
-the sum of the selected ``S`` and, like attention's ``P @ V``, the sum of the selected dictionary
-vectors ``dsum`` (``N x C``): a second dot of the 0/1 selection with the same bank tile. Each row
-belongs to one program, so there are no atomics, and nothing ``N x M`` is ever stored.
+Same schedule as ``max_similarity`` (one program per (class, row tile), found by ``tile_rows``).
+For every slot tile the program computes the similarities ``S``, selects ``S > threshold`` and
+accumulates the count, the sum of the selected ``S`` and, like attention's ``P @ V``, the sum of
+the selected dictionary vectors ``dsum`` (``N x C``): a second dot of the 0/1 selection with the
+same bank tile. Each row belongs to one program, so there are no atomics, and nothing ``N x M``
+is ever stored.
 
 With ``C`` resident the ``BLOCK_M x C`` ``dsum`` tile stays in registers. Otherwise it lives in
 the output and is updated chunk by chunk, only for slot tiles that selected something.
