@@ -40,6 +40,12 @@ import traceback
 
 DEFAULT_TIMEOUT = 600.0
 
+# Every allocation of 64 KiB or more gets its own mapping, returned to the kernel when freed, so
+# the resident size follows the live tensors. Without this glibc raises its mmap threshold after
+# the first large free and serves later large blocks from its heap, whose freed parts it keeps
+# resident: a peak then reads up to several freed blocks high, in some runs and not others.
+LIVE_TENSOR_MALLOC_ENV = {"MALLOC_MMAP_THRESHOLD_": "65536", "MALLOC_TRIM_THRESHOLD_": "131072"}
+
 
 # ----------------------------------------------------------------------------- in the child
 
@@ -221,11 +227,8 @@ class MemoryProbe:
 
         env = harness.python_path_env()
         env.setdefault("PYTHONUNBUFFERED", "1")
-        # Every allocation of 64 KiB or more gets its own mapping, returned to the kernel when
-        # freed, so the resident size follows the live tensors; without this glibc raises its
-        # mmap threshold after the first large free and reuses retained heap, hiding peaks.
-        env.setdefault("MALLOC_MMAP_THRESHOLD_", "65536")
-        env.setdefault("MALLOC_TRIM_THRESHOLD_", "131072")
+        for key, value in LIVE_TENSOR_MALLOC_ENV.items():
+            env.setdefault(key, value)
         return env
 
     def _start(self) -> subprocess.Popen:
