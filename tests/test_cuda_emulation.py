@@ -69,6 +69,26 @@ def test_random_schedules_let_a_warp_run_ahead():
     assert seen == {0, 1}
 
 
+def test_async_copies_land_when_their_group_is_retired():
+    """cp.async: a read before the wait that retires the copy's group sees the old bytes (the
+    poison, -1) in index order; in schedule 1 every copy lands at once; zfill writes zeros."""
+    values = torch.arange(1, 129, dtype=torch.int32)
+    first, last = values[0::4], values[3::4]
+    zero_filled = torch.arange(32) % 2 == 1
+    try:
+        module().set_schedule(0)
+        deferred = module().async_copy(values)
+        module().set_schedule(1)
+        at_once = module().async_copy(values)
+    finally:
+        module().set_schedule(0)
+    assert (deferred[:, 0] == -1).all() and (deferred[:, 1] == -1).all()  # committed, not retired
+    for out in (deferred, at_once):
+        assert torch.equal(out[:, 2], first)
+        assert torch.equal(out[:, 3], torch.where(zero_filled, 0, last))
+    assert torch.equal(at_once[:, 0], first)
+
+
 SITE = r"self_checks\.h:\d+"
 
 
@@ -85,9 +105,11 @@ SITE = r"self_checks\.h:\d+"
         (7, rf"cub TempStorage reused at {SITE} without a __syncthreads since its last collective"),
         (8, r"BlockReduce for 128 threads in a block of 64"),
         (9, r"mma_sync: a tf32 operand was not converted with __float_to_tf32"),
+        (10, r"__pipeline_memcpy_async: pointer not aligned to the copy size"),
     ],
     ids=["divergent-syncthreads", "partial-warp-shuffle", "barrier-after-exit", "misaligned-wmma",
-         "non-uniform-wmma", "trap", "deadlock", "cub-storage-reuse", "cub-block-size", "tf32-unconverted"],
+         "non-uniform-wmma", "trap", "deadlock", "cub-storage-reuse", "cub-block-size", "tf32-unconverted",
+         "misaligned-cp-async"],
 )
 def test_misuse_is_reported(which, message):
     with pytest.raises(RuntimeError, match="CUDA emulation: " + message):

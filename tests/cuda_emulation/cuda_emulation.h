@@ -7,6 +7,7 @@
 //     block at the same call site (a thread that exited, or one waiting elsewhere, is reported);
 //   - __shfl_xor_sync and the WMMA operations (wmma.h): all 32 lanes of the warp, full mask,
 //     one call site, warp-uniform WMMA arguments, aligned as the Programming Guide requires;
+//   - cp.async copies (pipeline.h): they land when a wait retires their group, not before;
 //   - the launch limits of CUDA.
 // A violation, or a deadlock, stops the launch with an exception that names it.
 //
@@ -79,4 +80,5 @@ inline float __fsub_rn(float a, float b) {
 #define __trap() ::cuda_emulation::trap(COSSIM_FAST_EMULATION_SITE)
 
 #include "cub.h"
+#include "pipeline.h"
 #include "wmma.h"

@@ -79,6 +79,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("overtaking_race", &self_checks::overtaking_race);
   m.def("sync_or", &self_checks::sync_or);
   m.def("wmma_matmul", &self_checks::wmma_matmul);
+  m.def("async_copy", &self_checks::async_copy);
   m.def("misuse", &self_checks::misuse);
   m.def("read_past_end", &self_checks::read_past_end);
   m.def("read_shared_past_end", &self_checks::read_shared_past_end);

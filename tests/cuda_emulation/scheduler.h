@@ -55,12 +55,23 @@ struct Site {
 
 enum class Wait { kRunnable, kBlock, kWarp, kDone };
 
+// A cp.async copy that has not landed in shared memory yet (pipeline.h): its source bytes, read
+// when it was issued, and the commit group it belongs to.
+struct AsyncCopy {
+  void* dst;
+  unsigned char bytes[16];
+  size_t size;
+  uint64_t group;
+};
+
 struct Fiber {
   ucontext_t context;
   std::unique_ptr<char[]> stack;
   Wait wait = Wait::kRunnable;
   Site site;                   // the synchronization point it waits at
   void* fake_stack = nullptr;  // AddressSanitizer's state of this stack while switched away
+  std::vector<AsyncCopy> async_copies;  // issued, not landed, in issue order
+  uint64_t async_groups = 0;            // cp.async groups committed
 };
 
 // Per warp: what each lane handed to the current warp-wide operation, double-buffered by
@@ -309,6 +320,7 @@ inline bool release(Block& block, bool stuck) {
 // Race-free kernels give the same bits in every order. Threads never interleave between two
 // synchronization points, so only races across them can show.
 inline uint64_t schedule_seed = 0;
+inline std::mt19937_64 landing_random;  // when random schedules land cp.async copies (pipeline.h)
 
 inline void set_schedule(uint64_t seed) {
   schedule_seed = seed;
@@ -408,6 +420,7 @@ inline void launch(dim3 grid, int threads, const std::function<void()>& body) {
     throw std::invalid_argument(message.str());
   }
   std::mt19937_64 random(schedule_seed);
+  landing_random.seed(schedule_seed);
   std::vector<int64_t> order(static_cast<int64_t>(grid.x) * grid.y);
   std::iota(order.begin(), order.end(), 0);
   if (schedule_seed == 1) std::reverse(order.begin(), order.end());

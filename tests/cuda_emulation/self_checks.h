@@ -83,7 +83,28 @@ __global__ void misuse_kernel(int which, const __half* data, const float* floats
     wmma::load_matrix_sync(fa, floats, 8);
     wmma::load_matrix_sync(fb, floats, 8);
     wmma::mma_sync(acc, fa, fb, acc);
+  } else if (which == 10) {  // a cp.async copy to an address that is not 16-byte aligned
+    __shared__ __align__(16) float buffer[8];
+    __pipeline_memcpy_async(buffer + 1, floats, 16);
   }
+}
+
+// Thread t copies 4 ints, values[4t..4t+3], into its 16 shared bytes by cp.async (odd threads
+// zero-fill the last 8 bytes), and reads them back three times: right after the copy, after
+// waiting for all but its newest group (the copy's, committed: nothing lands) and after
+// waiting for every group. out[t] = those three first ints, and the last int at the end.
+__global__ void async_copy_kernel(const int32_t* values, int32_t* out) {
+  __shared__ __align__(16) int32_t buffer[4 * 32];
+  const int t = threadIdx.x;
+  int32_t* mine = buffer + 4 * t;
+  __pipeline_memcpy_async(mine, values + 4 * t, 16, t % 2 == 1 ? 8 : 0);
+  out[4 * t] = mine[0];
+  __pipeline_commit();
+  __pipeline_wait_prior(1);
+  out[4 * t + 1] = mine[0];
+  __pipeline_wait_prior(0);
+  out[4 * t + 2] = mine[0];
+  out[4 * t + 3] = mine[3];
 }
 
 // What a thread reads of shared memory no thread of its block wrote: garbage on a GPU, the
@@ -198,9 +219,17 @@ inline at::Tensor overtaking_race() {
   return out;
 }
 
+inline at::Tensor async_copy(const at::Tensor& values) {
+  at::Tensor out = at::empty({32, 4}, values.options());
+  const int32_t* in = values.const_data_ptr<int32_t>();
+  int32_t* o = out.data_ptr<int32_t>();
+  cuda_emulation::launch(dim3(1), 32, [&] { async_copy_kernel(in, o); });
+  return out;
+}
+
 inline void misuse(int which) {
   alignas(32) static __half data[16 * 17];
-  alignas(32) static float floats[16 * 8];
+  alignas(32) static float floats[16 * 8];  // 32-byte aligned: the misaligned copy is the destination
   for (int i = 0; i < 16 * 8; ++i) floats[i] = 1.0f + static_cast<float>(i) / 1000.0f;  // not tf32 values
   cuda_emulation::launch(dim3(1), 64, [&] { misuse_kernel(which, data, floats); });
 }
