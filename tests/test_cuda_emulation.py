@@ -106,10 +106,12 @@ SITE = r"self_checks\.h:\d+"
         (8, r"BlockReduce for 128 threads in a block of 64"),
         (9, r"mma_sync: a tf32 operand was not converted with __float_to_tf32"),
         (10, r"__pipeline_memcpy_async: pointer not aligned to the copy size"),
+        (11, r"__pipeline_memcpy_async: the destination is not shared memory"),
+        (12, r"a thread exited with cp.async copies that no __pipeline_wait_prior retired"),
     ],
     ids=["divergent-syncthreads", "partial-warp-shuffle", "barrier-after-exit", "misaligned-wmma",
          "non-uniform-wmma", "trap", "deadlock", "cub-storage-reuse", "cub-block-size", "tf32-unconverted",
-         "misaligned-cp-async"],
+         "misaligned-cp-async", "cp-async-to-global", "cp-async-never-waited"],
 )
 def test_misuse_is_reported(which, message):
     with pytest.raises(RuntimeError, match="CUDA emulation: " + message):

@@ -13,8 +13,8 @@
 //
 // Races show only as results that depend on the order in which threads and blocks run
 // (set_schedule): threads never interleave between two synchronization points. Shared memory
-// is filled with 0xff bytes (NaN, -1) before every block, so reads of what the block did not
-// write stand out (not in the AddressSanitizer build, whose redzones it would trip). Not
+// is filled with 0xff bytes (NaN, -1) before every block (shared_memory.h), so reads of what
+// the block did not write stand out. Not
 // emulated: timing, how tensor cores round sums, memory errors (the tests' AddressSanitizer
 // build reports out-of-bounds accesses and UBSan misaligned vector accesses; compute-sanitizer
 // on a GPU), and instructions this project's kernels do not use.
@@ -34,13 +34,11 @@
 // GCC's AddressSanitizer leaves globals aligned to more than 64 bytes unprotected: at most 32
 // here (what WMMA needs), so that the kernels' 128-byte aligned shared arrays are protected.
 #define __align__(n) __attribute__((aligned((n) < 32 ? (n) : 32)))
-#define __shared__ static
 #else
 #define __align__(n) __attribute__((aligned(n)))
-// One section for every __shared__ variable, so the scheduler can poison them all at once.
-#define __shared__ static __attribute__((section("cuda_emulation_shared")))
-#define COSSIM_FAST_POISON_SHARED_MEMORY
 #endif
+// A function-local static, found and poisoned before every block by shared_memory.h.
+#define __shared__ static
 
 #include "scheduler.h"
 

@@ -5,7 +5,8 @@
 // wait (or before the barrier that follows the other threads' waits) sees what was there: the
 // poison, or an older chunk. In schedule 1 every copy lands as it is issued instead, and in
 // random schedules each copy lands at one of the two points at random, so that a copy into a
-// buffer other threads are still reading shows as well.
+// buffer other threads are still reading shows as well. A thread that ends with a copy no wait
+// retired is reported (in index order, where every copy waits for its wait).
 #pragma once
 
 #include <cstdint>
@@ -24,6 +25,7 @@ inline void __pipeline_memcpy_async(void* dst_shared, const void* src_global, si
       reinterpret_cast<uintptr_t>(src_global) % size_and_align != 0) {
     fail("__pipeline_memcpy_async: pointer not aligned to the copy size");
   }
+  if (!is_shared(dst_shared, size_and_align)) fail("__pipeline_memcpy_async: the destination is not shared memory");
   Fiber& fiber = self();
   AsyncCopy copy{dst_shared, {}, size_and_align, fiber.async_groups};
   const size_t read = size_and_align - zfill;  // zfill bytes at the end are zeros, not read

@@ -20,6 +20,8 @@
 #include <type_traits>
 #include <vector>
 
+#include "shared_memory.h"
+
 #if defined(__SANITIZE_ADDRESS__)
 #include <sanitizer/common_interface_defs.h>
 #endif
@@ -228,6 +230,7 @@ inline void fiber_main() {
     thrown = e.what();
   }
   if (!thrown.empty()) fail("exception in a kernel thread: " + thrown);
+  if (!self().async_copies.empty()) fail("a thread exited with cp.async copies that no __pipeline_wait_prior retired");
   self().wait = Wait::kDone;
   switch_to_scheduler(true);
 }
@@ -332,22 +335,6 @@ inline void run_fiber(Block& block, int t) {
   start_switch(&block.scheduler_fake_stack, block.fibers[t].stack.get(), kStackBytes);
   swapcontext(&block.scheduler, &block.fibers[t].context);
   finish_switch(block.scheduler_fake_stack, nullptr, nullptr);
-}
-
-#if defined(COSSIM_FAST_POISON_SHARED_MEMORY)
-// The bounds of the section holding every __shared__ variable (cuda_emulation.h), from the linker.
-extern "C" char __start_cuda_emulation_shared[] __attribute__((weak));
-extern "C" char __stop_cuda_emulation_shared[] __attribute__((weak));
-#endif
-
-// Shared memory holds garbage when a CUDA block starts: here 0xff bytes (NaN in every float
-// type, -1 in every integer), so a kernel that reads what its block did not write goes wrong.
-inline void poison_shared_memory() {
-#if defined(COSSIM_FAST_POISON_SHARED_MEMORY)
-  if (__start_cuda_emulation_shared != nullptr) {
-    std::memset(__start_cuda_emulation_shared, 0xff, __stop_cuda_emulation_shared - __start_cuda_emulation_shared);
-  }
-#endif
 }
 
 // Runs `body` as `threads` CUDA threads of block `index`; throws std::runtime_error on misuse.

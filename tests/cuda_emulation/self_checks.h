@@ -86,6 +86,12 @@ __global__ void misuse_kernel(int which, const __half* data, const float* floats
   } else if (which == 10) {  // a cp.async copy to an address that is not 16-byte aligned
     __shared__ __align__(16) float buffer[8];
     __pipeline_memcpy_async(buffer + 1, floats, 16);
+  } else if (which == 11) {  // a cp.async copy to global memory
+    __pipeline_memcpy_async(const_cast<float*>(floats) + 4, floats, 16);
+  } else if (which == 12) {  // a cp.async copy that no wait retires
+    __shared__ __align__(16) float landing[4];
+    __pipeline_memcpy_async(landing, floats, 16);
+    __pipeline_commit();
   }
 }
 
@@ -108,10 +114,14 @@ __global__ void async_copy_kernel(const int32_t* values, int32_t* out) {
 }
 
 // What a thread reads of shared memory no thread of its block wrote: garbage on a GPU, the
-// poison pattern here.
+// poison pattern here. A template, as the kernels under test are; the array is written
+// elsewhere, or the compiler would read the never-written static as its zero initializer.
+template <int N>
 __global__ void unwritten_shared_kernel(float* out) {
-  __shared__ float never_written[4];
-  if (threadIdx.x == 0) *out = never_written[2];
+  __shared__ float tile[N];
+  if (threadIdx.x == 0) tile[0] = 1.0f;
+  __syncthreads();
+  if (threadIdx.x == 0) *out = tile[N - 1];
 }
 
 // A 16-byte vector load from an address that is not 16-byte aligned: a fault on a GPU; only
@@ -227,23 +237,28 @@ inline at::Tensor async_copy(const at::Tensor& values) {
   return out;
 }
 
+// Global memory of the host functions below: at namespace scope, since every function-local
+// static here is taken for a __shared__ variable (shared_memory.h).
+alignas(32) __half misuse_data[16 * 17];
+alignas(32) float misuse_floats[16 * 8];  // 32-byte aligned: the misaligned copy is the destination
+alignas(16) float vector_values[8] = {1, 2, 3, 4, 5, 6, 7, 8};
+
 inline void misuse(int which) {
-  alignas(32) static __half data[16 * 17];
-  alignas(32) static float floats[16 * 8];  // 32-byte aligned: the misaligned copy is the destination
+  __half* data = misuse_data;
+  float* floats = misuse_floats;
   for (int i = 0; i < 16 * 8; ++i) floats[i] = 1.0f + static_cast<float>(i) / 1000.0f;  // not tf32 values
   cuda_emulation::launch(dim3(1), 64, [&] { misuse_kernel(which, data, floats); });
 }
 
 inline float read_unwritten_shared() {
   float out = 0.0f;
-  cuda_emulation::launch(dim3(1), 32, [&] { unwritten_shared_kernel(&out); });
+  cuda_emulation::launch(dim3(1), 32, [&] { unwritten_shared_kernel<4>(&out); });
   return out;
 }
 
 inline float read_misaligned_vector() {
-  alignas(16) static float values[8] = {1, 2, 3, 4, 5, 6, 7, 8};
   float out = 0.0f;
-  cuda_emulation::launch(dim3(1), 32, [&] { misaligned_vector_kernel(values, &out); });
+  cuda_emulation::launch(dim3(1), 32, [&] { misaligned_vector_kernel(vector_values, &out); });
   return out;
 }
 
