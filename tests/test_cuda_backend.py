@@ -375,16 +375,18 @@ TOLERANCES = {
 }
 
 # name: (K, M, C, counts, N, images). N, M, C off the 64/64/32 tiles; M below a tile; C below
-# one channel chunk, one chunk plus one (32 channels; 64 in the bf16/fp16 "max" kernel), several
-# chunks; full, partial, single-slot and empty buckets. images > 1: features are the strided view
-# of a B x C x H x W map (channel stride P).
+# one channel chunk (32 channels), one chunk plus one, two plus one, several chunks; full,
+# partial, single-slot and empty buckets. images > 1: features are the strided view of a
+# B x C x H x W map (channel stride P). Only the "vector_loads" shapes take the 16-byte loads,
+# which the bf16/fp16 kernels make cp.async copies (C a multiple of 8, contiguous rows).
 SHAPES = {
     "small": (4, 150, 20, [150, 0, 67, 1], 300, 2),
     "m_below_tile": (2, 5, 7, [5, 3], 37, 1),
     "c_chunk_plus_one": (3, 70, 33, [70, 64, 65], 130, 1),
-    "c_wide_chunk_plus_one": (3, 70, 65, [70, 64, 65], 130, 2),
+    "c_two_chunks_plus_one": (3, 70, 65, [70, 64, 65], 130, 2),
     "large_c": (3, 150, 300, [150, 93, 0], 160, 1),
     "vector_loads": (5, 200, 264, [200, 128, 1, 0, 129], 333, 1),  # C % 8 == 0: 16-byte loads
+    "vector_loads_one_chunk": (3, 200, 32, [200, 0, 130], 300, 1),  # each stage keeps the feature chunk
 }
 
 
@@ -643,11 +645,13 @@ def test_two_runs_are_bitwise_identical(dtype, fp32, precision, cuda_target):
 
 
 @pytest.mark.parametrize("dtype, fp32", CONFIGS, ids=CONFIG_IDS)
-@pytest.mark.parametrize("shape", ["small", "c_chunk_plus_one"])
+@pytest.mark.parametrize("shape", ["small", "c_chunk_plus_one", "vector_loads", "vector_loads_one_chunk"])
 def test_emulated_same_bits_in_any_thread_order(shape, dtype, fp32, precision):
     """Emulation only (a GPU picks its own order): the threads of a block between barriers, and
     the blocks of a launch, in index order, reversed and shuffled give the same bits; a race
-    would make them depend on the order."""
+    would make them depend on the order. The schedules also land the 16-bit kernels' cp.async
+    copies at their wait (0), at once (1) or either (random), so a buffer read before its copy
+    landed, or overwritten while still read, shows too."""
     precision(fp32)
     emulated = EmulatedCudaBackend()
     num_classes, slots, dim, counts, num_rows, images = SHAPES[shape]
@@ -665,6 +669,30 @@ def test_emulated_same_bits_in_any_thread_order(shape, dtype, fp32, precision):
         emulated.ops.set_schedule(0)
     for run in runs[1:]:
         assert all(torch.equal(a.view(torch.uint8), b.view(torch.uint8)) for a, b in zip(runs[0], run))
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
+@pytest.mark.parametrize("shape", ["vector_loads", "vector_loads_one_chunk", "small"])
+def test_emulated_tiles_of_several_row_groups(shape, dtype, monkeypatch):
+    """Emulation only: the backend's tiles are one row group (TILE_ROWS = 64) each, so the
+    kernels' loop over the row groups of a longer tile, which restarts the cp.async pipeline,
+    runs only here (256-row tiles), against the reference in several thread orders."""
+    monkeypatch.setattr(cuda_backend, "TILE_ROWS", 256)
+    emulated = EmulatedCudaBackend()
+    num_classes, slots, dim, counts, num_rows, images = SHAPES[shape]
+    features, labels, bank, counts = make_case("cpu", num_classes, slots, dim, counts, num_rows, dtype=dtype, images=images)
+    tol = TOLERANCES[(dtype, "ieee")]
+    want_max = REFERENCE.max_forward(features, labels, bank, counts, IGNORE)
+    want_all = REFERENCE.all_forward(features, labels, bank, counts, 0.05, IGNORE)
+    try:
+        for seed in (0, 1, 2):
+            emulated.ops.set_schedule(seed)
+            got_max = emulated.max_forward(features, labels, bank, counts, IGNORE)
+            assert_same_max(features, labels, bank, counts, got_max, want_max, tol["sim"])
+            got_all = emulated.all_forward(features, labels, bank, counts, 0.05, IGNORE)
+            assert_same_all(features, labels, bank, counts, 0.05, got_all, want_all, tol, min_sure=0.9)
+    finally:
+        emulated.ops.set_schedule(0)
+
 
 @gpu
 def test_no_host_sync():

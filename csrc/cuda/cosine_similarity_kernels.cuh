@@ -10,9 +10,12 @@
 // block (256 threads, 8 warps) per tile: it takes the rows rows[start:end] in groups of
 // kBlockM = 64 and streams its class's valid slots (counts[k], read at run time, clamped to
 // [0, M]) in slot tiles of kBlockN = 64, each a small GEMM over C in chunks of kBlockK = 32
-// channels staged through shared memory (64 for the bf16/fp16 "max" kernel, whose shared
-// memory has room for it: half the chunks, so half the load-and-barrier round trips that bound
-// its loop):
+// channels staged through shared memory. The bf16/fp16 kernels pipeline those chunks through a
+// ring of 3 ("max") or 2 ("all") buffers: where 16-byte loads are allowed (unit channel stride,
+// C % 8 == 0, aligned rows) cp.async copies fill the next buffers while the tensor cores work on
+// an earlier chunk, so a chunk costs one barrier and no wait on memory (before, a synchronous
+// load-and-barrier round trip per chunk bounded the loop); other 16-bit inputs load
+// synchronously into the ring, and the fp32 paths into one buffer:
 //   - bf16 / fp16 (features and bank of the same dtype): WMMA 16x16x16 tensor-core tiles, fp32
 //     accumulation (every product is exact in fp32);
 //   - fp32 with fp32_precision == "tf32": WMMA tf32 16x16x8 tiles (inputs rounded to tf32);
@@ -64,6 +67,7 @@
 #else
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
+#include <cuda_pipeline_primitives.h>
 #include <mma.h>
 #endif
 
@@ -112,18 +116,24 @@ constexpr int round_up(int x, int to) {
 // Shared-memory regions of one block (static, at most 48 KiB in all), one array each, so that an
 // overrun from one region into the next is an overrun of an array (AddressSanitizer in the
 // tests' emulation reports it).
-//   A: feature rows of the chunk. kTensor16/kTf32: [m][k] (row-major, ld kLdA); kSimt: [k][m].
-//   B: bank slots of the chunk. kTensor16/kTf32: [n][k]; kSimt: [k][n]. The dsum update reuses
-//      it as [n][c] (ld kLdBD).
+//   A: feature rows of a chunk, kStages buffers. kTensor16/kTf32: [m][k] (row-major, ld kLdA);
+//      kSimt: [k][m].
+//   B: bank slots of a chunk, kStages buffers. kTensor16/kTf32: [n][k]; kSimt: [k][n]. The dsum
+//      update reuses one as [n][c] (ld kLdBD).
 //   S: fp32 [m][n] raw dot products of the slot tile; the fp32 paths overwrite it in place
 //      with the 0/1 selection P ("all").
 //   P: kTensor16 "all" only: the selection in the 16-bit type, [m][n].
-//   D: kTensor16 "all" only: fp32 [m][c] staging of a dsum chunk.
+//   D: kTensor16 "all" only: fp32 [m][c] staging of a dsum chunk, in S's bytes (S is spent by then).
 template <Mode MODE, Path PATH, typename ST>
 struct Layout {
   static constexpr bool kKMajor = PATH == Path::kSimt;
-  // Channels per chunk of the dot products: twice kBlockK where the regions still fit 48 KiB.
-  static constexpr int kChunk = MODE == Mode::kMax && PATH == Path::kTensor16 ? 2 * kBlockK : kBlockK;
+  static constexpr int kChunk = kBlockK;  // channels per chunk of the dot products
+  // Chunks in the ring of operand buffers. The 16-bit path copies its operands with cp.async
+  // while the tensor cores work on an earlier chunk: 3 stages for "max", 2 for "all" (whose P
+  // region leaves room for no more in 48 KiB). The fp32 paths load synchronously into one
+  // buffer: their fp32 operands take twice the bytes, so two stages would not fit 48 KiB, and
+  // the exact path transposes on the way in.
+  static constexpr int kStages = PATH == Path::kTensor16 ? (MODE == Mode::kMax ? 3 : 2) : 1;
   static constexpr int kPad = PATH == Path::kTensor16 ? 8 : 4;  // keeps WMMA/float4 alignment
   static constexpr int kLdA = kKMajor ? kBlockM + 4 : kChunk + kPad;
   static constexpr int kLdB = kKMajor ? kBlockN + 4 : kChunk + kPad;
@@ -142,22 +152,19 @@ struct Layout {
   static constexpr int kPBytes = kBlockM * kLdP * static_cast<int>(sizeof(ST));  // kHasPD only
   static constexpr int kDBytes = kBlockM * kLdD * 4;  // kHasPD only
   // Each region 128-byte aligned (WMMA needs 32), the two row arrays after them.
-  static constexpr int kBytes = round_up(kABytes, 128) + round_up(kBBytes, 128) + round_up(kSBytes, 128) +
-      (kHasPD ? round_up(kPBytes, 128) + round_up(kDBytes, 128) : 0);
+  static constexpr int kAStride = round_up(kABytes, 128);  // bytes between two stages' buffers
+  static constexpr int kBStride = round_up(kBBytes, 128);
+  static constexpr int kBytes =
+      kStages * (kAStride + kBStride) + round_up(kSBytes, 128) + (kHasPD ? round_up(kPBytes, 128) : 0);
   static_assert(kBytes + 2 * kBlockM * 8 <= 48 * 1024, "static shared memory above 48 KiB");
+  static_assert(!kHasPD || kDBytes <= kSBytes, "D lives in S's bytes");
 };
 
-// The P and D regions, declared only by the kernels that use them (kHasPD).
+// The P region, declared only by the kernels that use it (kHasPD).
 template <typename L>
 __device__ __forceinline__ unsigned char* p_region() {
   __shared__ __align__(128) unsigned char bytes[L::kPBytes];
   return bytes;
-}
-
-template <typename L>
-__device__ __forceinline__ float* d_region() {
-  __shared__ __align__(128) float values[L::kDBytes / 4];
-  return values;
 }
 
 template <typename feat_t, typename bank_t>
@@ -208,8 +215,10 @@ struct SlotRows {
 // src[base(r) + (c0 + c) * stride_c], zero where base(r) < 0 or c0 + c >= dim (zero padding of
 // the dot operands; padded slots are never read by the epilogue). K_MAJOR: dst[c * LD + r],
 // else dst[r * LD + c]. VEC: 16-byte loads (the caller checked stride_c == 1, dim % kVec == 0
-// and 16-byte alignment of src and every row).
-template <typename GT, typename ST, int kRows, int kCols, bool K_MAJOR, int LD, typename Base>
+// and 16-byte alignment of src and every row). ASYNC: where a 16-byte load is stored as it
+// is, it is a cp.async copy instead (zero-filled for padding), which lands only once the
+// caller's __pipeline_wait_prior retires its group; the other cases load synchronously.
+template <typename GT, typename ST, int kRows, int kCols, bool K_MAJOR, int LD, bool ASYNC = false, typename Base>
 __device__ __forceinline__ void load_tile(
     ST* __restrict__ dst,
     const GT* __restrict__ src,
@@ -225,8 +234,13 @@ __device__ __forceinline__ void load_tile(
       const int r = i / kVecPerRow;
       const int c = (i % kVecPerRow) * kVec;
       const int64_t b = base(r);
+      const bool inside = b >= 0 && c0 + c < dim;
+      if constexpr (ASYNC && std::is_same_v<GT, ST> && !K_MAJOR) {
+        __pipeline_memcpy_async(dst + r * LD + c, inside ? src + b + c0 + c : src, 16, inside ? 0 : 16);
+        continue;
+      }
       uint4 raw = make_uint4(0u, 0u, 0u, 0u);  // all-zero bits: +0.0 in every dtype
-      if (b >= 0 && c0 + c < dim) {
+      if (inside) {
         raw = *reinterpret_cast<const uint4*>(src + b + c0 + c);
       }
       if constexpr (std::is_same_v<GT, ST> && !K_MAJOR) {
@@ -387,13 +401,15 @@ __global__ void __launch_bounds__(kThreads, 2) class_forward_kernel(const Forwar
   using L = Layout<MODE, PATH, ST>;
   static_assert(PATH != Path::kTensor16 || std::is_same_v<feat_t, bank_t>, "the 16-bit path needs one dtype");
 
-  __shared__ __align__(128) unsigned char a_bytes[L::kABytes];
-  __shared__ __align__(128) unsigned char b_bytes[L::kBBytes];
+  constexpr int kStages = L::kStages;
+  constexpr bool kAsync = kStages > 1;
+  __shared__ __align__(128) unsigned char a_bytes[kStages * L::kAStride];
+  __shared__ __align__(128) unsigned char b_bytes[kStages * L::kBStride];
   __shared__ __align__(128) float s_s[L::kSBytes / 4];
   __shared__ int64_t row_id[kBlockM];  // row of each of the 64 rows of the group, -1: none
   __shared__ int64_t row_off[kBlockM];  // its offset in features, -1: none
-  ST* a_s = reinterpret_cast<ST*>(a_bytes);
-  ST* b_s = reinterpret_cast<ST*>(b_bytes);
+  const auto a_stage = [&](int stage) { return reinterpret_cast<ST*>(a_bytes + stage * L::kAStride); };
+  const auto b_stage = [&](int stage) { return reinterpret_cast<ST*>(b_bytes + stage * L::kBStride); };
 
   const int tid = threadIdx.x;
   const int64_t* tile = p.tiles + 3 * static_cast<int64_t>(blockIdx.x);
@@ -403,8 +419,9 @@ __global__ void __launch_bounds__(kThreads, 2) class_forward_kernel(const Forwar
   const int64_t end = tile[2] < p.num_rows ? tile[2] : p.num_rows;
   int64_t n_valid = p.counts[cls];
   n_valid = n_valid < 0 ? 0 : (n_valid > p.slots ? p.slots : n_valid);
-  const int64_t num_chunks = p.dim > L::kChunk ? (p.dim + L::kChunk - 1) / L::kChunk : 1;
-  const bool a_once = num_chunks == 1;  // C <= kChunk: the feature tile stays in shared memory
+  const auto slot_rows_of = [&](int64_t n0) {  // the slot tile starting at slot n0
+    return SlotRows{n0 * p.dim, p.dim, static_cast<int>(n_valid - n0 < kBlockN ? n_valid - n0 : kBlockN)};
+  };
   const bank_t* bank_cls = p.bank + cls * p.slots * p.dim;
   const int m = tid / kLanesPerRow;  // epilogue: this thread's row of the group
   const int q = tid % kLanesPerRow;  // and its slot phase (slots q, q + 4, ...)
@@ -441,28 +458,63 @@ __global__ void __launch_bounds__(kThreads, 2) class_forward_kernel(const Forwar
     int64_t selected = 0;  // "all": this thread's count and sum of selected similarities
     float selected_sum = 0.0f;
 
-    if (a_once) {
-      load_tile<feat_t, ST, kBlockM, L::kChunk, L::kKMajor, L::kLdA>(
-          a_s, p.features, feature_rows, 0, p.dim, p.stride_c, p.vec_features);
-    }
-    for (int64_t n0 = 0; n0 < n_valid; n0 += kBlockN) {
-      const int nt = static_cast<int>(n_valid - n0 < kBlockN ? n_valid - n0 : kBlockN);
-      const SlotRows slot_rows{n0 * p.dim, p.dim, nt};
-
-      // Raw dot products of the 64 rows with the slot tile, into s_s.
-      TileGemm<PATH, ST> gemm;
-      gemm.zero();
-      for (int64_t chunk = 0; chunk < num_chunks; ++chunk) {
-        const int64_t c0 = chunk * L::kChunk;
-        if (!a_once) {
-          load_tile<feat_t, ST, kBlockM, L::kChunk, L::kKMajor, L::kLdA>(
-              a_s, p.features, feature_rows, c0, p.dim, p.stride_c, p.vec_features);
+    // A step is one channel chunk of one slot tile (at least one chunk per tile), in order; its
+    // operands go to the buffers of one stage of the ring, the stages taken in turn.
+    int64_t load_n0 = 0;  // the next step to load: its slot tile, chunk and stage
+    int64_t load_c0 = 0;
+    int load_stage = 0;
+    // With one chunk per slot tile (C <= kChunk) every stage holds the same feature chunk once
+    // it has been filled, so only the first kStages steps load it.
+    const bool a_loaded_once = p.dim <= L::kChunk;
+    const auto load_next = [&] {
+      if (load_n0 < n_valid) {
+        if (!a_loaded_once || load_n0 < kStages * kBlockN) {
+          load_tile<feat_t, ST, kBlockM, L::kChunk, L::kKMajor, L::kLdA, kAsync>(
+              a_stage(load_stage), p.features, feature_rows, load_c0, p.dim, p.stride_c, p.vec_features);
         }
-        load_tile<bank_t, ST, kBlockN, L::kChunk, L::kKMajor, L::kLdB>(b_s, bank_cls, slot_rows, c0, p.dim, 1, p.vec_bank);
-        __syncthreads();
-        gemm.template chunk<L::kChunk, L::kLdA, L::kLdB>(a_s, b_s);
-        __syncthreads();
+        load_tile<bank_t, ST, kBlockN, L::kChunk, L::kKMajor, L::kLdB, kAsync>(
+            b_stage(load_stage), bank_cls, slot_rows_of(load_n0), load_c0, p.dim, 1, p.vec_bank);
+        load_c0 += L::kChunk;
+        if (load_c0 >= p.dim) {
+          load_c0 = 0;
+          load_n0 += kBlockN;
+        }
       }
+      load_stage = load_stage + 1 == kStages ? 0 : load_stage + 1;
+    };
+    // Pipeline: the copies of the next kStages - 1 steps are in flight while a step computes,
+    // one cp.async group per step (empty past the last step, so the group count stays regular).
+    if constexpr (kAsync) {
+      for (int s = 0; s < kStages - 1; ++s) {
+        load_next();
+        __pipeline_commit();
+      }
+    }
+    int stage = 0;  // of the step computed next
+    for (int64_t n0 = 0; n0 < n_valid; n0 += kBlockN) {
+      TileGemm<PATH, ST> gemm;  // raw dot products of the 64 rows with the slot tile
+      gemm.zero();
+      for (int64_t c0 = 0; c0 == 0 || c0 < p.dim; c0 += L::kChunk) {
+        if constexpr (kAsync) {
+          __pipeline_wait_prior(kStages - 2);  // this thread's copies of this step have landed
+        } else {
+          load_next();
+        }
+        // Everyone's operands of this step are in, and everyone is done with the previous
+        // step's buffers.
+        __syncthreads();
+        if constexpr (kAsync) {
+          load_next();  // into the previous step's buffers
+          __pipeline_commit();
+        }
+        gemm.template chunk<L::kChunk, L::kLdA, L::kLdB>(a_stage(stage), b_stage(stage));
+        if constexpr (!kAsync) __syncthreads();  // the next step loads into the same buffers
+        stage = stage + 1 == kStages ? 0 : stage + 1;
+      }
+
+      // The slot tile is complete: its dot products to s_s, then the mode's epilogue.
+      const SlotRows slot_rows = slot_rows_of(n0);
+      const int nt = slot_rows.count;
       gemm.template store<L::kLdS>(s_s);
       __syncthreads();
 
@@ -508,11 +560,12 @@ __global__ void __launch_bounds__(kThreads, 2) class_forward_kernel(const Forwar
           }
         }
         if (__syncthreads_or(any ? 1 : 0)) {
+          ST* b_s = b_stage(stage == 0 ? kStages - 1 : stage - 1);  // the last step's: no copy in flight targets it
           // dsum[rows] += P @ bank[slot tile], one channel chunk at a time.
           for (int64_t c0 = 0; c0 < p.dim; c0 += kBlockK) {
             load_tile<bank_t, ST, kBlockN, kBlockK, false, L::kLdBD>(b_s, bank_cls, slot_rows, c0, p.dim, 1, p.vec_bank);
             if constexpr (L::kHasPD) {
-              float* d_s = d_region<L>();
+              float* d_s = s_s;  // S's values are spent: the selection is in P now
               for (int i = tid; i < kBlockM * kBlockK; i += kThreads) {
                 const int r = i / kBlockK;
                 const int c = i % kBlockK;
@@ -589,7 +642,7 @@ __global__ void __launch_bounds__(kThreads, 2) class_forward_kernel(const Forwar
         p.ssum[my_row] = selected_sum;
       }
     }
-    __syncthreads();  // row_id / row_off / a_s are rewritten by the next row group
+    __syncthreads();  // row_id / row_off are rewritten by the next row group
   }
 }
 
