@@ -9,7 +9,7 @@
 # GPU_CHECK_TOTAL_S (default 470 s; 560 s with GPU_CHECK_EXTRA=1); a step that fails or times
 # out is logged and the script goes on to the next one and the summary.
 # Writes under OUTDIR: env.log, build.log, triton_tests.log and cuda_tests.log (+ .xml),
-# sanitizer.log, resources.log (+ .json), bench.log + bench.json, bench_cuda.log + bench_cuda.json,
+# sanitizer.log, racecheck.log, resources.log (+ .json), bench.log + bench.json, bench_cuda.log + bench_cuda.json,
 # targets.log (+ .json, auto_rule.json), frontier.log + frontier.json, with GPU_CHECK_EXTRA=1
 # also bench_graph and bench_tf32x3 (.log + .json) with their targets_graph and targets_tf32x3,
 # autotune.log (+ .json), frontier_train.log (+ .json) and profile.log (Nsight Compute),
@@ -149,13 +149,18 @@ if [ "$EXTRA" = 1 ]; then
     # memcheck over the GPU tests of the CUDA forward and backward (odd shapes, tile tails, M
     # below a tile, ties, empty inputs, strided maps), without PyTorch's caching allocator so
     # that out-of-bounds accesses hit unallocated memory. By default the 16-bit ones, whose
-    # "max" kernel changed since the last memcheck (the fp32 and tf32 paths passed it on the
-    # H200, 2026-11-27): all of them took 80 s there. GPU_CHECK_SANITIZER_K="not emulated" runs all.
+    # kernels changed since the last memcheck (the fp32 and tf32 paths passed it on the H200,
+    # 2026-11-27): all of them took 80 s there. GPU_CHECK_SANITIZER_K="not emulated" runs all.
     # (compute-sanitizer has refused the device on some of these machines: the log says so.)
     SANITIZER=$(command -v compute-sanitizer || echo "${CUDA_HOME:-/usr/local/cuda}/bin/compute-sanitizer")
     step sanitizer 70 env PYTORCH_NO_CUDA_MEMORY_CACHING=1 "$SANITIZER" --tool memcheck --error-exitcode 9 \
         $PY -m pytest -q -p no:cacheprovider tests/test_cuda_backend.py -m gpu \
         -k "${GPU_CHECK_SANITIZER_K:-not emulated and (bf16 or fp16)}"
+    # racecheck (shared-memory hazards) over the 16-bit forwards with 16-byte loads, the ones
+    # that pipeline their operands through cp.async buffers: slow, so a few tests only.
+    step racecheck 40 "$SANITIZER" --tool racecheck --racecheck-report hazard --error-exitcode 9 \
+        $PY -m pytest -q -p no:cacheprovider tests/test_cuda_backend.py -m gpu \
+        -k "${GPU_CHECK_RACECHECK_K:-not emulated and vector_loads and bf16 and forward_matches}"
     # The Triton forward's default tiles against autotuning (compiles every candidate: bf16 only).
     step autotune 60 $PY -m bench.autotune_check --dtype bf16 --json "$OUT/autotune.json"
     # The headline frontier: a training iteration of the UDA literature's model (ResNet-101
@@ -185,10 +190,12 @@ rm -f "$OUT/summary.head"
             echo "$tests: $(grep -E '(passed|failed|error)' "$OUT/$tests.log" | tail -n 1)"
         fi
     done
-    if ran sanitizer; then
-        echo
-        echo "compute-sanitizer: $(grep -E 'ERROR SUMMARY|passed|failed|not supported' "$OUT/sanitizer.log" | tail -n 2 | tr '\n' ' ')"
-    fi
+    for tool in sanitizer racecheck; do
+        if ran "$tool"; then
+            echo
+            echo "compute-sanitizer $tool: $(grep -E 'ERROR SUMMARY|RACECHECK SUMMARY|passed|failed|not supported' "$OUT/$tool.log" | tail -n 2 | tr '\n' ' ')"
+        fi
+    done
     for targets in targets targets_graph targets_tf32x3; do
         if ran "$targets"; then
             echo
