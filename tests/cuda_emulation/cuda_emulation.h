@@ -7,17 +7,18 @@
 //     block at the same call site (a thread that exited, or one waiting elsewhere, is reported);
 //   - __shfl_xor_sync and the WMMA operations (wmma.h): all 32 lanes of the warp, full mask,
 //     one call site, warp-uniform WMMA arguments, aligned as the Programming Guide requires;
-//   - cp.async copies (pipeline.h): they land when a wait retires their group, not before;
+//   - cp.async copies (pipeline.h): aligned, into shared memory, and retired by a wait before
+//     the thread ends; a copy lands at that wait, or earlier in some schedules;
 //   - the launch limits of CUDA.
 // A violation, or a deadlock, stops the launch with an exception that names it.
 //
 // Races show only as results that depend on the order in which threads and blocks run
 // (set_schedule): threads never interleave between two synchronization points. Shared memory
 // is filled with 0xff bytes (NaN, -1) before every block (shared_memory.h), so reads of what
-// the block did not write stand out. Not
-// emulated: timing, how tensor cores round sums, memory errors (the tests' AddressSanitizer
-// build reports out-of-bounds accesses and UBSan misaligned vector accesses; compute-sanitizer
-// on a GPU), and instructions this project's kernels do not use.
+// the block did not write stand out. Not emulated: timing, how tensor cores round sums, memory
+// errors (the tests' AddressSanitizer build reports out-of-bounds accesses and UBSan misaligned
+// vector accesses; compute-sanitizer on a GPU), and instructions this project's kernels do not
+// use.
 #pragma once
 
 #include <cstdint>
