@@ -115,12 +115,12 @@ def _register_fakes() -> str | None:
             return None
 
         @torch.library.register_fake("cossim_fast::cuda_max_forward")
-        def _cuda_max_forward_fake(features, labels, bank, counts, rows, tiles, fp32_precision):
+        def _cuda_max_forward_fake(features, labels, bank, counts, rows, bounds, tile_rows, fp32_precision):
             num_rows = labels.shape[0]
             return features.new_empty(num_rows, dtype=torch.float32), labels.new_empty(num_rows)
 
         @torch.library.register_fake("cossim_fast::cuda_all_forward")
-        def _cuda_all_forward_fake(features, labels, bank, counts, rows, tiles, threshold, fp32_precision):
+        def _cuda_all_forward_fake(features, labels, bank, counts, rows, bounds, tile_rows, threshold, fp32_precision):
             num_rows = labels.shape[0]
             return (
                 labels.new_empty(num_rows),
@@ -146,8 +146,13 @@ COSINE_OPS = ("cuda_max_forward", "cuda_all_forward", "cuda_max_backward", "cuda
 
 
 def has_cosine_ops() -> bool:
-    """Whether the imported extension registers the cosine-similarity ops (False for an older build)."""
-    return _imported and all(hasattr(torch.ops.cossim_fast, name) for name in COSINE_OPS)
+    """Whether the imported extension registers the cosine-similarity ops as this package calls
+    them (False for an older build: before the ops, or before the forwards took class bounds)."""
+    return (
+        _imported
+        and all(hasattr(torch.ops.cossim_fast, name) for name in COSINE_OPS)
+        and "bounds" in str(torch.ops.cossim_fast.cuda_max_forward.default._schema)
+    )
 
 
 load_error = _load()

@@ -67,23 +67,20 @@ void check_class_forward_args(
     const at::Tensor& bank,
     const at::Tensor& counts,
     const at::Tensor& rows,
-    const at::Tensor& tiles) {
+    const at::Tensor& bounds,
+    int64_t tile_rows) {
   const int64_t num_rows = check_features(op, features);
   check_vector(op, labels, "labels", c10::ScalarType::Long, "int64 (torch.long)", num_rows, "B*P", features, "features");
   check_bank(op, bank, features);
   check_vector(op, counts, "counts", c10::ScalarType::Long, "int64 (torch.long)", bank.size(0), "K", features, "features");
   check_vector(op, rows, "rows", c10::ScalarType::Long, "int64 (torch.long)", num_rows, "B*P", features, "features");
-  check_defined(op, tiles, "tiles");
-  check_same_device(op, tiles, "tiles", features, "features");
+  check_vector(
+      op, bounds, "bounds", c10::ScalarType::Long, "int64 (torch.long)", bank.size(0) + 2, "K+2", features, "features");
+  TORCH_CHECK(tile_rows >= 1, op, "tile_rows must be at least 1, got ", tile_rows);
+  const int64_t blocks = class_tile_blocks(num_rows, bank.size(0), tile_rows);
   TORCH_CHECK(
-      tiles.scalar_type() == c10::ScalarType::Long, op, "tiles must be int64 (torch.long), got ", tiles.scalar_type());
-  TORCH_CHECK(
-      tiles.dim() == 2 && tiles.size(1) == 3, op, "tiles must have shape (T, 3) (class, start, end per thread block), got ",
-      tiles.sizes());
-  TORCH_CHECK(tiles.is_contiguous(), op, "tiles must be contiguous, got strides ", tiles.strides());
-  TORCH_CHECK(
-      tiles.size(0) <= INT_MAX, op, "tiles must have at most ", INT_MAX, " rows (T, one thread block each), got ",
-      tiles.size(0));
+      blocks <= INT_MAX, op, "tile_rows must cut the ", num_rows, " rows into at most ", INT_MAX,
+      " thread blocks (B*P / tile_rows + K), got ", blocks);
 }
 
 void check_max_backward_args(
@@ -141,9 +138,10 @@ std::tuple<at::Tensor, at::Tensor> cuda_max_forward_cpu(
     const at::Tensor& bank,
     const at::Tensor& counts,
     const at::Tensor& rows,
-    const at::Tensor& tiles,
+    const at::Tensor& bounds,
+    int64_t tile_rows,
     c10::string_view fp32_precision) {
-  check_class_forward_args(kMaxForward, features, labels, bank, counts, rows, tiles);
+  check_class_forward_args(kMaxForward, features, labels, bank, counts, rows, bounds, tile_rows);
   parse_fp32_precision(fp32_precision, kMaxForward);
   refuse(kMaxForward, features);
   return {};  // not reached
@@ -155,11 +153,12 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> cuda_all_forward_cpu(
     const at::Tensor& bank,
     const at::Tensor& counts,
     const at::Tensor& rows,
-    const at::Tensor& tiles,
+    const at::Tensor& bounds,
+    int64_t tile_rows,
     double threshold,
     c10::string_view fp32_precision) {
   (void)threshold;  // any value; NaN selects nothing
-  check_class_forward_args(kAllForward, features, labels, bank, counts, rows, tiles);
+  check_class_forward_args(kAllForward, features, labels, bank, counts, rows, bounds, tile_rows);
   parse_fp32_precision(fp32_precision, kAllForward);
   refuse(kAllForward, features);
   return {};  // not reached

@@ -65,14 +65,15 @@ TORCH_LIBRARY(cossim_fast, m) {
   m.def(
       "ring_buffer_update(Tensor(a!) bank, Tensor(b!) counts, Tensor(c!) ptr, Tensor features, "
       "Tensor labels, Tensor? order, Tensor denom, int max_per_class, int ignore_index) -> ()");
-  // Class-bucketed cosine similarity (METHOD.md 3 and 4; cosine_similarity.h): forward with the
-  // device-built class schedule (rows sorted by class, tiles = (class, start, end) per block).
+  // Class-bucketed cosine similarity (METHOD.md 3 and 4; cosine_similarity.h): forward over the
+  // rows grouped by class on the device (rows sorted by class, the K + 2 class bounds), in
+  // tiles of tile_rows rows that each thread block finds itself.
   m.def(
       "cuda_max_forward(Tensor features, Tensor labels, Tensor bank, Tensor counts, Tensor rows, "
-      "Tensor tiles, str fp32_precision) -> (Tensor values, Tensor indices)");
+      "Tensor bounds, int tile_rows, str fp32_precision) -> (Tensor values, Tensor indices)");
   m.def(
       "cuda_all_forward(Tensor features, Tensor labels, Tensor bank, Tensor counts, Tensor rows, "
-      "Tensor tiles, float threshold, str fp32_precision) -> (Tensor count, Tensor ssum, Tensor dsum)");
+      "Tensor bounds, int tile_rows, float threshold, str fp32_precision) -> (Tensor count, Tensor ssum, Tensor dsum)");
   m.def(
       "cuda_max_backward(Tensor grad_values, Tensor features, Tensor labels, Tensor bank, Tensor values, "
       "Tensor indices) -> Tensor");

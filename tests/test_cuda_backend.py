@@ -1,8 +1,8 @@
 """The CUDA backend's cosine-similarity kernels (csrc/cuda/cosine_similarity_kernels.cuh).
 
 CPU-runnable: op schemas, every host-side argument check (through the CPU kernel, which runs the
-same checks and then refuses), fake kernels under FakeTensorMode and on meta tensors, the device
-schedule ``class_tiles``, ``CudaBackend.unsupported_reasons`` and the precision setting.
+same checks and then refuses), fake kernels under FakeTensorMode and on meta tensors,
+``CudaBackend.unsupported_reasons`` and the precision setting.
 
 The kernels against the "reference" backend on odd shapes, every dtype and fp32 precision, exact
 ties, bitwise determinism, gradients, and agreement with the Triton backend: on a GPU (marked
@@ -23,7 +23,7 @@ from cossim_fast import _extension
 from cossim_fast.backends import cuda as cuda_backend
 from cossim_fast.backends import dispatch
 from cossim_fast.backends.cuda import CudaBackend
-from cossim_fast.backends.schedule import class_tiles
+from cossim_fast.backends.schedule import group_by_class
 from cossim_fast.backends.reference import ReferenceBackend, dense_similarity
 from cuda_emulation import EmulatedCudaBackend
 
@@ -39,11 +39,11 @@ HAS_CUDA = torch.cuda.is_available()
 SCHEMAS = {
     "cuda_max_forward": (
         "cossim_fast::cuda_max_forward(Tensor features, Tensor labels, Tensor bank, Tensor counts, Tensor rows, "
-        "Tensor tiles, str fp32_precision) -> (Tensor values, Tensor indices)"
+        "Tensor bounds, int tile_rows, str fp32_precision) -> (Tensor values, Tensor indices)"
     ),
     "cuda_all_forward": (
         "cossim_fast::cuda_all_forward(Tensor features, Tensor labels, Tensor bank, Tensor counts, Tensor rows, "
-        "Tensor tiles, float threshold, str fp32_precision) -> (Tensor count, Tensor ssum, Tensor dsum)"
+        "Tensor bounds, int tile_rows, float threshold, str fp32_precision) -> (Tensor count, Tensor ssum, Tensor dsum)"
     ),
     "cuda_max_backward": (
         "cossim_fast::cuda_max_backward(Tensor grad_values, Tensor features, Tensor labels, Tensor bank, "
@@ -54,8 +54,10 @@ SCHEMAS = {
     ),
 }
 ARGUMENTS = {
-    "cuda_max_forward": ("features", "labels", "bank", "counts", "rows", "tiles", "fp32_precision"),
-    "cuda_all_forward": ("features", "labels", "bank", "counts", "rows", "tiles", "threshold", "fp32_precision"),
+    "cuda_max_forward": ("features", "labels", "bank", "counts", "rows", "bounds", "tile_rows", "fp32_precision"),
+    "cuda_all_forward": (
+        "features", "labels", "bank", "counts", "rows", "bounds", "tile_rows", "threshold", "fp32_precision"
+    ),
     "cuda_max_backward": ("grad_values", "features", "labels", "bank", "values", "indices"),
     "cuda_all_backward": ("grad_ssum", "features", "ssum", "dsum"),
 }
@@ -100,8 +102,8 @@ def valid_args(name, device="cpu", feature_dtype=torch.float32, bank_dtype=torch
     bank = torch.nn.functional.normalize(torch.randn(num_classes, slots, dim, device=device), dim=2).to(bank_dtype)
     counts = torch.tensor([4, 0, 2], device=device)
     if name in ("cuda_max_forward", "cuda_all_forward"):
-        rows, tiles = _tiles(labels, num_classes, 4)
-        args = dict(features=features, labels=labels, bank=bank, counts=counts, rows=rows, tiles=tiles)
+        groups = group_by_class(labels, num_classes)
+        args = dict(features=features, labels=labels, bank=bank, counts=counts, rows=groups.rows, bounds=groups.bounds, tile_rows=4)
         if name == "cuda_all_forward":
             args["threshold"] = 0.1
         args["fp32_precision"] = "ieee"
@@ -157,10 +159,10 @@ BAD_ARGUMENTS = [
     ("rows-dtype", FORWARD, _set("rows", lambda a: a["rows"].int()), "rows", r"int64 \(torch.long\), got Int"),
     ("rows-shape", FORWARD, _set("rows", lambda a: a["rows"][:-1]), "rows", r"shape \(12,\) = \(B\*P,\)"),
     ("rows-noncontig", FORWARD, _set("rows", lambda a: _noncontig(a["rows"])), "rows", "contiguous"),
-    ("tiles-dtype", FORWARD, _set("tiles", lambda a: a["tiles"].int()), "tiles", r"int64 \(torch.long\), got Int"),
-    ("tiles-shape", FORWARD, _set("tiles", lambda a: a["tiles"][:, :2].contiguous()), "tiles", r"shape \(T, 3\)"),
-    ("tiles-1d", FORWARD, _set("tiles", lambda a: a["tiles"].reshape(-1)), "tiles", r"shape \(T, 3\)"),
-    ("tiles-noncontig", FORWARD, _set("tiles", lambda a: a["tiles"].t().contiguous().t()), "tiles", "contiguous"),
+    ("bounds-dtype", FORWARD, _set("bounds", lambda a: a["bounds"].int()), "bounds", r"int64 \(torch.long\), got Int"),
+    ("bounds-shape", FORWARD, _set("bounds", lambda a: a["bounds"][:-1]), "bounds", r"shape \(5,\) = \(K\+2,\)"),
+    ("bounds-noncontig", FORWARD, _set("bounds", lambda a: _noncontig(a["bounds"])), "bounds", "contiguous"),
+    ("tile-rows", FORWARD, _set("tile_rows", lambda a: 0), "tile_rows", "at least 1, got 0"),
     ("precision", FORWARD, _set("fp32_precision", lambda a: "fast"), "fp32_precision", r"\"ieee\" or \"tf32\", got \"fast\""),
     # backward "max"
     ("grad-dtype", ("cuda_max_backward",), _set("grad_values", lambda a: a["grad_values"].double()), "grad_values", "float32, got Double"),
@@ -194,7 +196,7 @@ def test_argument_checks(name, change, argument, pattern):
     assert not isinstance(info.value, NotImplementedError), "the check should have fired before the CUDA refusal"
 
 
-DEVICE_CASES = [(name, key) for name in SCHEMAS for key in ARGUMENTS[name] if key not in ("features", "threshold", "fp32_precision")]
+DEVICE_CASES = [(name, key) for name in SCHEMAS for key in ARGUMENTS[name] if key not in ("features", "threshold", "tile_rows", "fp32_precision")]
 
 
 @pytest.mark.parametrize("name, argument", DEVICE_CASES, ids=[f"{n}-{a}" for n, a in DEVICE_CASES])
@@ -261,50 +263,6 @@ def test_fake_kernel_runs_on_meta_tensors(name):
     outputs = _outputs(call(name, args))
     assert all(o.device.type == "meta" for o in outputs)
     assert [(tuple(o.shape), o.dtype) for o in outputs] == EXPECTED_SHAPES[name]
-
-
-# --------------------------------------------------------------------------------------------
-# The device schedule (pure torch: runs on CPU tensors too)
-
-
-def _tiles(labels, num_classes, block):
-    schedule = class_tiles(labels, num_classes, block)
-    return schedule.rows, schedule.tiles
-
-
-@pytest.mark.parametrize(
-    "labels, num_classes, block",
-    [
-        ([0, 1, 0, 255, 2, 2, 2, 1, 0, 255], 3, 2),
-        ([1] * 9, 3, 4),  # all rows one class, empty classes around it
-        ([255, 255], 3, 4),  # no row has a class
-        ([2], 3, 64),
-        (list(range(5)) * 7 + [7, -1], 5, 3),  # labels outside [0, K) other than ignore_index
-    ],
-)
-def test_class_tiles_cover_every_classed_row_once(labels, num_classes, block):
-    labels = torch.tensor(labels)
-    rows, tiles = _tiles(labels, num_classes, block)
-    assert rows.dtype == tiles.dtype == torch.int64 and tiles.is_contiguous()
-    assert tiles.shape == (-(-labels.numel() // block) + min(num_classes, labels.numel()), 3)
-    assert sorted(rows.tolist()) == list(range(labels.numel()))
-    seen = []
-    for cls, start, end in tiles.tolist():
-        if cls < 0:
-            continue
-        assert 0 < end - start <= block
-        members = rows[start:end]
-        assert (labels[members] == cls).all()
-        seen += members.tolist()
-    classed = [i for i, label in enumerate(labels.tolist()) if 0 <= label < num_classes]
-    assert sorted(seen) == classed and len(seen) == len(set(seen))
-
-
-def test_class_tiles_edge_sizes():
-    rows, tiles = _tiles(torch.zeros(0, dtype=torch.int64), 3, 64)
-    assert rows.numel() == 0 and tiles.shape == (0, 3)
-    rows, tiles = _tiles(torch.tensor([255, 255]), 0, 64)
-    assert rows.tolist() == [0, 1] and tiles.shape == (0, 3)
 
 
 # --------------------------------------------------------------------------------------------
@@ -692,6 +650,27 @@ def test_emulated_tiles_of_several_row_groups(shape, dtype, monkeypatch):
             assert_same_all(features, labels, bank, counts, 0.05, got_all, want_all, tol, min_sure=0.9)
     finally:
         emulated.ops.set_schedule(0)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+@pytest.mark.parametrize("tile_rows", [3, 64, 256])
+def test_emulated_blocks_find_their_tiles(tile_rows, dtype, monkeypatch):
+    """Emulation only: the tile table kernel gives each thread block its class and rows from the
+    class bounds. Classes of 0, 1, 64, 65 and 130 rows (empty ones first, between and last) and
+    ignored rows, in tiles of 3 (one block per 3 rows), 64 and 256 rows."""
+    monkeypatch.setattr(cuda_backend, "TILE_ROWS", tile_rows)
+    sizes = [0, 1, 0, 130, 64, 65, 0]
+    labels = torch.cat([torch.full((n,), k) for k, n in enumerate(sizes)] + [torch.full((9,), IGNORE)])
+    labels = labels[torch.randperm(labels.numel(), generator=torch.Generator().manual_seed(0))]
+    features, labels, bank, counts = make_case(
+        "cpu", len(sizes), 70, 24, [70, 3, 70, 70, 65, 1, 70], labels.numel(), dtype=dtype, labels=labels
+    )
+    emulated = EmulatedCudaBackend()
+    tol = TOLERANCES[(dtype, "ieee")]
+    assert_same_max(features, labels, bank, counts, emulated.max_forward(features, labels, bank, counts, IGNORE),
+                    REFERENCE.max_forward(features, labels, bank, counts, IGNORE), tol["sim"])
+    assert_same_all(features, labels, bank, counts, 0.05, emulated.all_forward(features, labels, bank, counts, 0.05, IGNORE),
+                    REFERENCE.all_forward(features, labels, bank, counts, 0.05, IGNORE), tol, min_sure=0.9)
 
 
 @gpu

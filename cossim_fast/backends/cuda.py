@@ -1,9 +1,10 @@
 """The compiled CUDA backend (``cossim_fast._C``): hand-written kernels for every operation.
 
 - forward ("max" and "all"): ``torch.ops.cossim_fast.cuda_max_forward`` / ``cuda_all_forward``.
-  The rows are grouped by class on the device (``class_tiles``, torch ops only, no host
-  synchronization); one thread block per (class, row tile) streams that class's valid slots
-  through shared memory. bf16/fp16 run on tensor cores (WMMA, fp32 accumulation); fp32 runs as
+  The rows are grouped by class on the device (``group_by_class``: six torch ops, no host
+  synchronization); a small kernel writes each thread block's (class, row tile) from the class
+  bounds, and one thread block per tile streams that class's valid slots through shared memory.
+  bf16/fp16 run on tensor cores (WMMA, fp32 accumulation); fp32 runs as
   exact fp32 FMAs ("ieee", default) or on TF32 tensor cores ("tf32"), chosen by
   ``COSSIM_FAST_CUDA_FP32_PRECISION=ieee|tf32`` or ``set_fp32_precision``; a bank whose dtype
   differs from the features' is always dotted in exact fp32.
@@ -24,7 +25,7 @@ from torch import Tensor
 from cossim_fast import _extension
 from cossim_fast.backends import auto_rule
 from cossim_fast.backends.base import OPERATIONS, Backend
-from cossim_fast.backends.schedule import class_tiles
+from cossim_fast.backends.schedule import group_by_class
 
 #: Operations the CUDA extension implements.
 IMPLEMENTED = ("max_forward", "max_backward", "all_forward", "all_backward", "update")
@@ -32,8 +33,8 @@ DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 #: How fp32 x fp32 dot products run in the forward kernels.
 FP32_PRECISIONS = ("ieee", "tf32")
 PRECISION_ENV = "COSSIM_FAST_CUDA_FP32_PRECISION"
-#: Rows per thread block of the forward kernels (kBlockM in csrc/cuda/cosine_similarity_kernels.cuh). A
-#: schedule with longer tiles would still be correct (a block loops over its tile), only coarser.
+#: Rows per thread block of the forward kernels (kBlockM in csrc/cuda/cosine_similarity_kernels.cuh).
+#: Longer tiles would still be correct (a block loops over its tile in groups of 64), only coarser.
 TILE_ROWS = 64
 #: The tensor-core paths (bf16/fp16, tf32) need compute capability 8.0 (WMMA bf16/tf32).
 MIN_TENSOR_CORE_CAPABILITY = (8, 0)
@@ -130,15 +131,11 @@ class CudaBackend(Backend):
             return [f"the CUDA {op} kernel has not been measured on this GPU architecture yet"]
         return []
 
-    def _schedule(self, labels: Tensor, bank: Tensor) -> tuple[Tensor, Tensor]:
-        schedule = class_tiles(labels, bank.shape[0], TILE_ROWS)
-        return schedule.rows, schedule.tiles
-
     def max_forward(self, features, labels, bank, counts, ignore_index):
         # ignore_index is never a class (the contract checks it), so "no class" = outside [0, K).
-        rows, tiles = self._schedule(labels, bank)
+        groups = group_by_class(labels, bank.shape[0])
         return self.ops.cuda_max_forward(
-            features, labels, bank, counts.contiguous(), rows, tiles, _fp32_precision
+            features, labels, bank, counts.contiguous(), groups.rows, groups.bounds, TILE_ROWS, _fp32_precision
         )
 
     def max_backward(self, grad_values, features, labels, bank, values, indices):
@@ -152,9 +149,10 @@ class CudaBackend(Backend):
         )
 
     def all_forward(self, features, labels, bank, counts, threshold, ignore_index):
-        rows, tiles = self._schedule(labels, bank)
+        groups = group_by_class(labels, bank.shape[0])
         return self.ops.cuda_all_forward(
-            features, labels, bank, counts.contiguous(), rows, tiles, float(threshold), _fp32_precision
+            features, labels, bank, counts.contiguous(), groups.rows, groups.bounds, TILE_ROWS, float(threshold),
+            _fp32_precision,
         )
 
     def all_backward(self, grad_ssum, features, ssum, dsum):

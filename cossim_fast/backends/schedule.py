@@ -64,37 +64,3 @@ def max_row_tiles(num_rows: int, num_segments: int, block_m: int) -> int:
     into tiles of ``block_m`` (each group wastes less than one tile): a grid size that needs no
     histogram read back. Programs past the last tile exit at once."""
     return -(-num_rows // block_m) + min(num_segments, num_rows)
-
-
-@dataclass(frozen=True)
-class ClassTiles:
-    """``rows`` sorted by class, and per program its class (-1 past the schedule) and the range
-    ``[start, end)`` of ``rows`` it owns, at most ``block_m`` long and inside one class."""
-
-    rows: Tensor
-    tiles: Tensor
-
-
-def class_tiles(labels: Tensor, num_classes: int, block_m: int) -> ClassTiles:
-    """The (class, row tile) schedule of the fused kernels (MoE-style routing).
-
-    Each class's rows are padded to whole tiles, and the grid is ``max_row_tiles``. The CUDA
-    kernels read their tile here; the Triton kernels find it themselves from
-    ``ClassGroups.bounds`` (``triton.max_similarity.tile_rows``).
-    """
-    num_rows, device = labels.numel(), labels.device
-    if num_rows == 0 or num_classes == 0:
-        return ClassTiles(torch.arange(num_rows, device=device), torch.empty(0, 3, dtype=torch.int64, device=device))
-    groups = group_by_class(labels, num_classes)
-    per_class, first = groups.per_class, groups.first
-    tiles_of = torch.div(per_class + block_m - 1, block_m, rounding_mode="floor")
-    tiles_end = torch.cumsum(tiles_of, 0)
-    num_programs = max_row_tiles(num_rows, num_classes, block_m)
-    program = torch.arange(num_programs, device=device)
-    owner = torch.searchsorted(tiles_end, program, right=True)
-    scheduled = owner < num_classes
-    cls = owner.clamp(max=num_classes - 1)
-    start = first[cls] + (program - (tiles_end[cls] - tiles_of[cls])) * block_m
-    end = torch.minimum(start + block_m, first[cls] + per_class[cls])
-    tiles = torch.stack([torch.where(scheduled, cls, -1), start, end], dim=1).contiguous()
-    return ClassTiles(groups.rows, tiles)

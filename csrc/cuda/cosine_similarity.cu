@@ -50,14 +50,16 @@ std::tuple<at::Tensor, at::Tensor> cuda_max_forward_cuda(
     const at::Tensor& bank,
     const at::Tensor& counts,
     const at::Tensor& rows,
-    const at::Tensor& tiles,
+    const at::Tensor& bounds,
+    int64_t tile_rows,
     c10::string_view fp32_precision) {
-  check_class_forward_args(kMaxForwardOp, features, labels, bank, counts, rows, tiles);
+  check_class_forward_args(kMaxForwardOp, features, labels, bank, counts, rows, bounds, tile_rows);
   const Fp32Precision precision = parse_fp32_precision(fp32_precision, kMaxForwardOp);
   check_cuda(kMaxForwardOp, features);
   const c10::cuda::CUDAGuard guard(features.device());
   check_tensor_cores(kMaxForwardOp, features, bank, precision);
-  return kernels::max_forward(features, labels, bank, counts, rows, tiles, precision, on_current_stream(features.device().index()));
+  return kernels::max_forward(
+      features, labels, bank, counts, rows, bounds, tile_rows, precision, on_current_stream(features.device().index()));
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> cuda_all_forward_cuda(
@@ -66,16 +68,18 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> cuda_all_forward_cuda(
     const at::Tensor& bank,
     const at::Tensor& counts,
     const at::Tensor& rows,
-    const at::Tensor& tiles,
+    const at::Tensor& bounds,
+    int64_t tile_rows,
     double threshold,
     c10::string_view fp32_precision) {
-  check_class_forward_args(kAllForwardOp, features, labels, bank, counts, rows, tiles);
+  check_class_forward_args(kAllForwardOp, features, labels, bank, counts, rows, bounds, tile_rows);
   const Fp32Precision precision = parse_fp32_precision(fp32_precision, kAllForwardOp);
   check_cuda(kAllForwardOp, features);
   const c10::cuda::CUDAGuard guard(features.device());
   check_tensor_cores(kAllForwardOp, features, bank, precision);
   return kernels::all_forward(
-      features, labels, bank, counts, rows, tiles, threshold, precision, on_current_stream(features.device().index()));
+      features, labels, bank, counts, rows, bounds, tile_rows, threshold, precision,
+      on_current_stream(features.device().index()));
 }
 
 at::Tensor cuda_max_backward_cuda(

@@ -5,9 +5,13 @@
 //   cossim_fast::cuda_all_backward  g_i * (dsum_i - ssum_i * f^_i) / r_i
 // with S[i, j] = f^_i . bank[y_i, j] for j < counts[y_i], f^ = f / max(||f||, 1e-12).
 //
-// Forward design. The caller groups the rows by class on the device (cossim_fast/backends/cuda.py,
-// `class_tiles`): `rows` = row ids sorted by class, `tiles[t] = (class, start, end)`. One thread
-// block (256 threads, 8 warps) per tile: it takes the rows rows[start:end] in groups of
+// Forward design. The caller groups the rows by class on the device (cossim_fast/backends/
+// schedule.py, `group_by_class`): `rows` = row ids sorted by class, class k's rows at
+// rows[bounds[k]:bounds[k + 1]]. Each class's rows are cut into tiles of `tile_rows`, one thread
+// block (256 threads, 8 warps) per tile; a small kernel first writes each block's (class, start,
+// end) from the class bounds (tile_table_kernel: one thread per block, K steps each), which the
+// forward reads (finding it in the forward itself cost registers its 16-bit "all" kernel does
+// not have). A block takes the rows rows[start:end] in groups of
 // kBlockM = 64 and streams its class's valid slots (counts[k], read at run time, clamped to
 // [0, M]) in slot tiles of kBlockN = 64, each a small GEMM over C in chunks of kBlockK = 32
 // channels staged through shared memory. The bf16/fp16 kernels pipeline those chunks through a
@@ -182,7 +186,7 @@ struct ForwardParams {
   const int64_t* counts;
   const int64_t* labels;
   const int64_t* rows;  // (N,) row ids sorted by class
-  const int64_t* tiles;  // (T, 3): class, start, end
+  const int64_t* tiles;  // (T, 3): per block its class (-1: none), start and end in rows
   float threshold;
   bool vec_features;  // 16-byte loads allowed (stride_c == 1, aligned rows, C % vec == 0)
   bool vec_bank;
@@ -414,7 +418,7 @@ __global__ void __launch_bounds__(kThreads, 2) class_forward_kernel(const Forwar
   const int tid = threadIdx.x;
   const int64_t* tile = p.tiles + 3 * static_cast<int64_t>(blockIdx.x);
   const int64_t cls = tile[0];
-  if (cls < 0 || cls >= p.num_classes) return;  // past the schedule (uniform over the block)
+  if (cls < 0 || cls >= p.num_classes) return;  // past the last tile (uniform over the block)
   const int64_t start = tile[1] > 0 ? tile[1] : 0;
   const int64_t end = tile[2] < p.num_rows ? tile[2] : p.num_rows;
   int64_t n_valid = p.counts[cls];
@@ -646,6 +650,32 @@ __global__ void __launch_bounds__(kThreads, 2) class_forward_kernel(const Forwar
   }
 }
 
+// tiles[b] = (class, start, end) of forward block b: the classes' tiles in class order, class
+// k's rows rows[bounds[k]:bounds[k + 1]] cut into tiles of `tile_rows`; (-1, 0, 0) past the
+// last tile. One thread per block, K steps each.
+__global__ void __launch_bounds__(kThreads) tile_table_kernel(
+    const int64_t* __restrict__ bounds, int64_t num_classes, int64_t tile_rows, int64_t num_blocks,
+    int64_t* __restrict__ tiles) {
+  const int64_t b = static_cast<int64_t>(blockIdx.x) * kThreads + threadIdx.x;
+  if (b >= num_blocks) return;
+  int64_t cls = -1, start = 0, end = 0;
+  for (int64_t k = 0, t = b; k < num_classes; ++k) {
+    const int64_t first = bounds[k];
+    const int64_t last = bounds[k + 1];
+    const int64_t count = last > first ? (last - first + tile_rows - 1) / tile_rows : 0;
+    if (t < count) {
+      cls = k;
+      start = first + t * tile_rows;
+      end = last - start < tile_rows ? last : start + tile_rows;
+      break;
+    }
+    t -= count;
+  }
+  tiles[3 * b] = cls;
+  tiles[3 * b + 1] = start;
+  tiles[3 * b + 2] = end;
+}
+
 // grad[i, :] = g_i / r_i * (v_i - s_i / r_i * f_i), one warp per row. GATHER ("max"):
 // v_i = bank[labels[i], indices[i]], zero gradient where the index is -1 (or out of range);
 // otherwise ("all") v_i = dsum[i]. fp32 arithmetic without contraction (as PyTorch's
@@ -721,9 +751,9 @@ inline bool vector_loads_ok(const void* ptr, int64_t element_size, int64_t dim, 
 // Picks the path: same 16-bit dtype -> tensor cores; fp32 x fp32 -> tf32 or exact fp32 as asked;
 // any mixed pair -> exact fp32 (neither side rounded).
 template <Mode MODE, typename feat_t, typename bank_t, typename Launch>
-void launch_forward(const ForwardParams<feat_t, bank_t>& params, int64_t num_tiles, Fp32Precision precision,
+void launch_forward(const ForwardParams<feat_t, bank_t>& params, int64_t num_blocks, Fp32Precision precision,
                     const Launch& launch) {
-  const dim3 grid(static_cast<unsigned int>(num_tiles));
+  const dim3 grid(static_cast<unsigned int>(num_blocks));
   if constexpr (std::is_same_v<feat_t, bank_t> && !std::is_same_v<feat_t, float>) {
     launch(class_forward_kernel<MODE, Path::kTensor16, feat_t, bank_t>, grid, kThreads, params);
   } else if constexpr (std::is_same_v<feat_t, float> && std::is_same_v<bank_t, float>) {
@@ -744,7 +774,8 @@ void run_forward(
     const at::Tensor& bank,
     const at::Tensor& counts,
     const at::Tensor& rows,
-    const at::Tensor& tiles,
+    const at::Tensor& bounds,
+    int64_t tile_rows,
     double threshold,
     Fp32Precision precision,
     float* values,
@@ -753,8 +784,13 @@ void run_forward(
     float* ssum,
     float* dsum,
     const Launch& launch) {
-  const int64_t num_tiles = tiles.size(0);
-  if (features.size(0) * features.size(1) == 0 || num_tiles == 0 || bank.size(0) == 0) return;
+  const int64_t num_rows = features.size(0) * features.size(1);
+  if (num_rows == 0 || bank.size(0) == 0) return;
+  const int64_t num_blocks = class_tile_blocks(num_rows, bank.size(0), tile_rows);
+  const at::Tensor tiles = at::empty({num_blocks, 3}, bounds.options());
+  launch(
+      tile_table_kernel, dim3(static_cast<unsigned int>((num_blocks + kThreads - 1) / kThreads)), kThreads,
+      bounds.const_data_ptr<int64_t>(), bank.size(0), tile_rows, num_blocks, tiles.data_ptr<int64_t>());
   COSSIM_FAST_DISPATCH_FLOATS(features.scalar_type(), "cossim_fast class forward (features)", [&] {
     using feat_t = scalar_t;
     COSSIM_FAST_DISPATCH_FLOATS(bank.scalar_type(), "cossim_fast class forward (bank)", [&] {
@@ -784,7 +820,7 @@ void run_forward(
       params.count = count;
       params.ssum = ssum;
       params.dsum = dsum;
-      launch_forward<MODE, feat_t, bank_t>(params, num_tiles, precision, launch);
+      launch_forward<MODE, feat_t, bank_t>(params, num_blocks, precision, launch);
     });
   });
 }
@@ -797,14 +833,15 @@ std::tuple<at::Tensor, at::Tensor> max_forward(
     const at::Tensor& bank,
     const at::Tensor& counts,
     const at::Tensor& rows,
-    const at::Tensor& tiles,
+    const at::Tensor& bounds,
+    int64_t tile_rows,
     Fp32Precision precision,
     const Launch& launch) {
   const int64_t num_rows = features.size(0) * features.size(1);
   at::Tensor values = at::full({num_rows}, -std::numeric_limits<float>::infinity(), features.options().dtype(at::kFloat));
   at::Tensor indices = at::full({num_rows}, -1, labels.options());
   run_forward<Mode::kMax>(
-      features, labels, bank, counts, rows, tiles, 0.0, precision, values.data_ptr<float>(),
+      features, labels, bank, counts, rows, bounds, tile_rows, 0.0, precision, values.data_ptr<float>(),
       indices.data_ptr<int64_t>(), nullptr, nullptr, nullptr, launch);
   return {values, indices};
 }
@@ -817,7 +854,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> all_forward(
     const at::Tensor& bank,
     const at::Tensor& counts,
     const at::Tensor& rows,
-    const at::Tensor& tiles,
+    const at::Tensor& bounds,
+    int64_t tile_rows,
     double threshold,
     Fp32Precision precision,
     const Launch& launch) {
@@ -826,7 +864,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> all_forward(
   at::Tensor ssum = at::zeros({num_rows}, features.options().dtype(at::kFloat));
   at::Tensor dsum = at::zeros({num_rows, features.size(2)}, features.options().dtype(at::kFloat));
   run_forward<Mode::kAll>(
-      features, labels, bank, counts, rows, tiles, threshold, precision, nullptr, nullptr,
+      features, labels, bank, counts, rows, bounds, tile_rows, threshold, precision, nullptr, nullptr,
       count.data_ptr<int64_t>(), ssum.data_ptr<float>(), dsum.data_ptr<float>(), launch);
   return {count, ssum, dsum};
 }

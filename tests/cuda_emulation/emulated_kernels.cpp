@@ -38,16 +38,17 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.doc() = "The CUDA forward/backward kernels of cossim_fast, emulated on the CPU (tests only).";
   m.def("cuda_max_forward",
         [](const at::Tensor& features, const at::Tensor& labels, const at::Tensor& bank, const at::Tensor& counts,
-           const at::Tensor& rows, const at::Tensor& tiles, const std::string& fp32_precision) {
+           const at::Tensor& rows, const at::Tensor& bounds, int64_t tile_rows, const std::string& fp32_precision) {
           check_cpu(features);
-          return kernels::max_forward(features, labels, bank, counts, rows, tiles, precision_of(fp32_precision),
-                                      EmulatedLaunch{});
+          return kernels::max_forward(features, labels, bank, counts, rows, bounds, tile_rows,
+                                      precision_of(fp32_precision), EmulatedLaunch{});
         });
   m.def("cuda_all_forward",
         [](const at::Tensor& features, const at::Tensor& labels, const at::Tensor& bank, const at::Tensor& counts,
-           const at::Tensor& rows, const at::Tensor& tiles, double threshold, const std::string& fp32_precision) {
+           const at::Tensor& rows, const at::Tensor& bounds, int64_t tile_rows, double threshold,
+           const std::string& fp32_precision) {
           check_cpu(features);
-          return kernels::all_forward(features, labels, bank, counts, rows, tiles, threshold,
+          return kernels::all_forward(features, labels, bank, counts, rows, bounds, tile_rows, threshold,
                                       precision_of(fp32_precision), EmulatedLaunch{});
         });
   m.def("cuda_max_backward", [](const at::Tensor& grad_values, const at::Tensor& features, const at::Tensor& labels,
