@@ -189,3 +189,40 @@ def test_a_refused_update_leaves_the_generator_as_it_was():
     with pytest.raises(ValueError, match="labels must be in"):
         dictionary.update(features, labels, generator=generator)
     assert torch.equal(generator.get_state(), before) and dictionary.counts.sum() == 0
+
+
+def test_a_backend_refused_in_strict_mode_leaves_the_generator_as_it_was(monkeypatch):
+    # The refusal comes from the dispatcher, after the visiting order is drawn: the draw is undone.
+    monkeypatch.setattr(cossim_fast.backends.dispatch, "_strict", True)  # restored after the test
+    dictionary = cossim_fast.FeatureDictionary(3, 4, 5)
+    features, labels = torch.randn(6, 5), torch.tensor([0, 1, 2, 0, 1, 2])
+    generator = torch.Generator().manual_seed(0)
+    before = generator.get_state()
+    with pytest.raises(cossim_fast.BackendUnavailableError, match="strict mode"):
+        dictionary.update(features, labels, generator=generator, backend="cuda")
+    assert torch.equal(generator.get_state(), before) and dictionary.counts.sum() == 0
+    dictionary.update(features, labels, generator=generator)  # the retry draws what the first try drew
+    reference = cossim_fast.FeatureDictionary(3, 4, 5)
+    reference.update(features, labels, generator=torch.Generator().manual_seed(0))
+    assert torch.equal(dictionary.bank, reference.bank)
+
+
+def test_float64_features_update_a_float64_dictionary():
+    # float64 (for testing) rows are normalized in float64, as the reference backend's forward does.
+    dictionary = cossim_fast.FeatureDictionary(2, 3, 4, dtype=torch.float64)
+    features = torch.randn(5, 4, dtype=torch.float64)
+    dictionary.update(features, torch.tensor([0, 1, 0, 1, 0]))
+    expected = torch.nn.functional.normalize(features[[0, 2, 4]], dim=1)
+    torch.testing.assert_close(dictionary.bank[0], expected, atol=1e-15, rtol=0)
+
+
+@pytest.mark.parametrize("backend", UPDATE_BACKENDS)
+def test_a_strided_bank_loaded_with_assign_is_updated_like_a_dense_one(backend):
+    dense, loaded = cossim_fast.FeatureDictionary(3, 4, 5), cossim_fast.FeatureDictionary(3, 4, 5)
+    state = {name: tensor.clone() for name, tensor in dense.state_dict().items()}
+    state["bank"] = torch.zeros(3, 8, 5)[:, :4]  # a slice of a larger buffer
+    loaded.load_state_dict(state, assign=True)
+    features, labels = torch.randn(7, 5), torch.tensor([0, 1, 2, 0, 1, 2, 0])
+    dense.update(features, labels, backend=backend)
+    loaded.update(features, labels, backend=backend)
+    assert torch.equal(loaded.bank, dense.bank) and torch.equal(loaded.counts, dense.counts)

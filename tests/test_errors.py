@@ -76,6 +76,7 @@ def test_value_checks_can_be_switched_off():
         (dict(threshold=float("nan")), ValueError, "threshold must not be NaN"),
         (dict(mode="mean"), ValueError, "mode must be one of"),
         (dict(reduction="sum"), ValueError, "reduction must be one of"),
+        (dict(check_values="no"), TypeError, r"check_values must be True, False or None .*got 'no'"),
     ],
 )
 def test_bad_loss_arguments(kwargs, error, match):
@@ -94,6 +95,16 @@ def test_a_threshold_above_one_warns_that_it_trains_nothing():
         loss(threshold=1.0)
         loss(threshold=-3.0)  # below -1: every pair is selected, a valid choice
         cossim_fast.CosineSimilarityLoss(0.9)
+
+
+def test_the_loss_module_takes_a_dictionary_not_a_bank():
+    criterion = cossim_fast.CosineSimilarityLoss(0.5)
+    with pytest.raises(TypeError, match="dictionary must be a FeatureDictionary .*got Tensor; .*cosine_similarity_loss"):
+        criterion(FEATURES, LABELS, BANK)
+    with pytest.raises(TypeError, match="dictionary must be a FeatureDictionary"):
+        cossim_fast.CosineSimilarityLoss(0.5, dictionary=BANK)
+    with pytest.raises(TypeError, match="check_values must be True, False or None"):
+        cossim_fast.CosineSimilarityLoss(0.5, check_values=1)
 
 
 @pytest.mark.gpu
@@ -126,7 +137,8 @@ def test_bad_dictionary_construction(args, kwargs, error, match):
 @pytest.mark.parametrize(
     "kwargs, error, match",
     [
-        (dict(max_per_class=0), ValueError, "max_per_class must be None or an int >= 1"),
+        (dict(max_per_class=0), ValueError, r"max_per_class must be None or an int in \[1, 2\*\*63\)"),
+        (dict(max_per_class=2**63), ValueError, r"max_per_class must be None or an int in \[1, 2\*\*63\)"),
         (dict(generator=3), TypeError, "generator must be a torch.Generator"),
         (dict(features=torch.randn(6, 4)), ValueError, "C = 4 channels"),
         (dict(labels=torch.tensor([0, 1, 7, 0, 0, 0])), ValueError, "got 7 at row 2"),

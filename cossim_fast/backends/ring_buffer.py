@@ -78,8 +78,9 @@ def ring_buffer_update_torch(
 
 
 def _fresh(bank: Tensor, features: Tensor, denom: Tensor, rows: Tensor) -> Tensor:
-    """The normalized rows as stored: an fp32 division, then a cast to the bank's dtype."""
-    return (gather_rows(features, rows).float() / denom[rows, None]).to(bank.dtype)
+    """The normalized rows as stored: a division in ``denom``'s dtype (fp32; fp64 for fp64
+    features), then a cast to the bank's dtype."""
+    return (gather_rows(features, rows).to(denom.dtype) / denom[rows, None]).to(bank.dtype)
 
 
 def _write_every_slot(bank: Tensor, ptr: Tensor, features: Tensor, denom: Tensor, plan: VisitPlan) -> None:

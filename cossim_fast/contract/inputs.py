@@ -29,7 +29,9 @@ def set_value_checks(enabled: bool) -> None:
 
 
 def value_checks_enabled(override: bool | None = None) -> bool:
-    return _check_values if override is None else bool(override)
+    if override is not None and not isinstance(override, bool):
+        raise TypeError(f"check_values must be True, False or None (the global setting), got {override!r}")
+    return _check_values if override is None else override
 
 
 @dataclass(frozen=True)
@@ -162,8 +164,8 @@ def check_max_per_class(max_per_class: object) -> int:
     if max_per_class is None:
         return -1
     _require_int("max_per_class", max_per_class)
-    if max_per_class < 1:
-        raise ValueError(f"max_per_class must be None or an int >= 1, got {max_per_class}")
+    if not 1 <= max_per_class < 2**63:  # the op takes an int64
+        raise ValueError(f"max_per_class must be None or an int in [1, 2**63), got {max_per_class}")
     return max_per_class
 
 

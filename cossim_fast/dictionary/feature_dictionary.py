@@ -6,7 +6,7 @@ import torch
 from torch import Tensor, nn
 
 from cossim_fast.backends import dispatch
-from cossim_fast.backends.reference import EPS
+from cossim_fast.backends.reference import EPS, accumulation_dtype
 from cossim_fast.backends.rows import chunk_length, image_chunks, row_slice
 from cossim_fast.contract import inputs
 from cossim_fast.dictionary.distributed import gather_from_all_ranks, world_size
@@ -15,13 +15,15 @@ from cossim_fast.ops.loss import cosine_similarity_loss, max_cosine_similarity
 
 
 def row_norms(source: Tensor) -> Tensor:
-    """``max(||f_i||, eps)`` per row of a ``(B, P, C)`` view, in fp32 (METHOD.md 5's denominator).
+    """``max(||f_i||, eps)`` per row of a ``(B, P, C)`` view (METHOD.md 5's denominator), in fp32
+    (fp64 for fp64 rows, which are for testing).
 
     On the CPU a norm taken in fp32 of other dtypes casts the whole input first, so those rows
     go a workspace-sized chunk at a time; CUDA reductions upcast as they read.
     """
-    if source.dtype == torch.float32 or source.is_cuda:
-        return torch.linalg.vector_norm(source, dim=2, dtype=torch.float32).clamp_min(EPS).reshape(-1)
+    acc = accumulation_dtype(source.dtype)
+    if source.dtype == acc or source.is_cuda:
+        return torch.linalg.vector_norm(source, dim=2, dtype=acc).clamp_min(EPS).reshape(-1)
     num_images, points, dim = source.shape
     norms = torch.empty(num_images * points, dtype=torch.float32, device=source.device)
     for start, stop in image_chunks(num_images, points, chunk_length(dim * 4)):
@@ -36,6 +38,15 @@ def _positive_int(name: str, value: object) -> int:
     if isinstance(value, bool) or not isinstance(value, int) or value < 1:
         raise ValueError(f"{name} must be an int >= 1, got {value!r}")
     return value
+
+
+def _contiguous_buffers(dictionary: nn.Module, incompatible_keys: object) -> None:
+    """``load_state_dict(..., assign=True)`` may bring strided buffers; the in-place writes and
+    the kernels take the dense layout of a freshly built dictionary."""
+    for name in ("bank", "counts", "ptr"):
+        buffer = getattr(dictionary, name)
+        if not buffer.is_contiguous():
+            setattr(dictionary, name, buffer.contiguous())
 
 
 class FeatureDictionary(nn.Module):
@@ -64,11 +75,12 @@ class FeatureDictionary(nn.Module):
         _positive_int("slots_per_class", slots_per_class)
         _positive_int("dim", dim)
         if dtype not in _BANK_DTYPES:
-            raise TypeError(f"dtype must be float32, bfloat16 or float16, got {dtype}")
+            raise TypeError(f"dtype must be float32, bfloat16 or float16 (float64 for testing), got {dtype}")
         self.sync_distributed = sync_distributed
         self.register_buffer("bank", torch.zeros(num_classes, slots_per_class, dim, device=device, dtype=dtype))
         self.register_buffer("counts", torch.zeros(num_classes, dtype=torch.int64, device=device))
         self.register_buffer("ptr", torch.zeros(num_classes, dtype=torch.int64, device=device))
+        self.register_load_state_dict_post_hook(_contiguous_buffers)
 
     @property
     def num_classes(self) -> int:
@@ -118,12 +130,25 @@ class FeatureDictionary(nn.Module):
             source = flat.unsqueeze(0)
         if inputs.value_checks_enabled(check_values):  # before the generator moves: a refused update changes nothing
             custom_ops.check_update_values(self.bank, self.counts, self.ptr, source, source_labels, ignore_index)
-        order = None
-        if generator is not None:
-            order = torch.randperm(source_labels.numel(), generator=generator, device=generator.device).to(self.bank.device)
+        if generator is None:
+            self._write(source, source_labels, None, cap, ignore_index, backend)
+            return
+        state = generator.get_state()  # host-side for CPU and CUDA generators: no sync
+        order = torch.randperm(source_labels.numel(), generator=generator, device=generator.device)
+        try:
+            if order.device != self.bank.device and self.bank.is_cuda:  # a pageable copy would wait for the GPU
+                order = order.pin_memory().to(self.bank.device, non_blocking=True)
+            self._write(source, source_labels, order.to(self.bank.device), cap, ignore_index, backend)
+        except BaseException:  # e.g. a backend refused in strict mode: a retry gets the same draw
+            generator.set_state(state)
+            raise
+
+    def _write(
+        self, source: Tensor, labels: Tensor, order: Tensor | None, cap: int, ignore_index: int, backend: str
+    ) -> None:
         torch.ops.cossim_fast.update_dictionary(
-            self.bank, self.counts, self.ptr, source, source_labels, order, row_norms(source), cap, ignore_index, backend,
-            False,  # checked above
+            self.bank, self.counts, self.ptr, source, labels, order, row_norms(source), cap, ignore_index, backend,
+            False,  # checked by update
         )
 
     def lookup(self, features: Tensor, labels: Tensor, *, ignore_index: int = 255, backend: str = "auto") -> tuple[Tensor, Tensor]:

@@ -37,7 +37,8 @@ class CosineSimilarityLoss(nn.Module):
         dispatch.check_backend_name(backend)
         self.backend = backend
         self.ignore_index = ignore_index
-        self.dictionary = dictionary
+        self.dictionary = _check_dictionary(dictionary)
+        inputs.value_checks_enabled(check_values)  # a bad value fails here, not at the first call
         self.check_values = check_values  # None: the global setting (set_value_checks)
         self.last_selected_fraction: Tensor | None = None
 
@@ -45,7 +46,7 @@ class CosineSimilarityLoss(nn.Module):
         return f"threshold={self.threshold}, mode={self.mode!r}, reduction={self.reduction!r}, backend={self.backend!r}"
 
     def forward(self, features: Tensor, labels: Tensor, dictionary: nn.Module | None = None) -> Tensor:
-        dictionary = dictionary if dictionary is not None else self.dictionary
+        dictionary = _check_dictionary(dictionary) if dictionary is not None else self.dictionary
         if dictionary is None:
             raise ValueError("dictionary must be given, at construction or in the call (a FeatureDictionary)")
         loss_sum, selected, flat_labels = loss_terms(
@@ -55,3 +56,13 @@ class CosineSimilarityLoss(nn.Module):
         rows_used = (flat_labels != self.ignore_index).sum().clamp(min=1)
         self.last_selected_fraction = ((selected > 0).sum() / rows_used).detach()
         return reduce_terms(loss_sum, selected, flat_labels, dictionary.bank.shape[0], self.reduction)
+
+
+def _check_dictionary(dictionary: object) -> nn.Module | None:
+    """A dictionary is an object with ``bank`` and ``counts`` (a FeatureDictionary), not a bank."""
+    if dictionary is not None and not (hasattr(dictionary, "bank") and hasattr(dictionary, "counts")):
+        raise TypeError(
+            f"dictionary must be a FeatureDictionary (with bank and counts), got {type(dictionary).__name__}; "
+            "for a bare K x M x C bank and its counts call cossim_fast.cosine_similarity_loss"
+        )
+    return dictionary
