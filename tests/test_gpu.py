@@ -60,6 +60,23 @@ def test_update_has_no_host_sync_and_matches_cpu(backend):
     torch.testing.assert_close(gpu.bank.cpu(), cpu.bank, atol=1e-6, rtol=0)
 
 
+@pytest.mark.parametrize("backend", CUDA_BACKENDS)
+def test_update_with_a_cpu_generator_has_no_host_sync(backend):
+    # The order drawn on the CPU reaches the GPU through pinned memory, not a waiting copy.
+    gpu = cossim_fast.FeatureDictionary(5, 9, 33, device="cuda")
+    cpu = cossim_fast.FeatureDictionary(5, 9, 33)
+    features, labels = make_rows(40, 33, 5)
+    gpu_features, gpu_labels = features.cuda(), labels.cuda()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        gpu.update(gpu_features, gpu_labels, generator=torch.Generator().manual_seed(3), backend=backend, check_values=False)
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    cpu.update(features, labels, generator=torch.Generator().manual_seed(3), backend="torch")
+    assert torch.equal(gpu.counts.cpu(), cpu.counts) and torch.equal(gpu.ptr.cpu(), cpu.ptr)
+    torch.testing.assert_close(gpu.bank.cpu(), cpu.bank, atol=1e-6, rtol=0)
+
+
 FUSED_CUDA_BACKENDS = [b for b in CUDA_BACKENDS if b != "torch"]  # torch reads the histogram on the host
 
 
