@@ -56,16 +56,16 @@ def evaluate(args: argparse.Namespace) -> int:
     from cossim_fast import configs
     from cossim_fast.data import NUM_CLASSES
     from cossim_fast.models import build_model
-    from cossim_fast.training import ConfigError, checkpoint, evaluate as run_evaluation, load_config
+    from cossim_fast.training import checkpoint, evaluate as run_evaluation, load_config
+    from cossim_fast.training.distributed import resolve_device
     from cossim_fast.training.trainer import make_dataset
 
     state = checkpoint.load(args.checkpoint)
     # The checkpoint's own config, then --config and --set on top (a val set elsewhere, say).
     saved = json.loads(state["config"])
     config = load_config(configs.resolve(args.config) if args.config else None, args.set, base=saved)
-    if config.model.name != saved["model"]["name"]:
-        raise ConfigError(f"model.name: {args.checkpoint} holds a {saved['model']['name']}, not a {config.model.name}")
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    checkpoint.check_model_name(state, config.model.name, args.checkpoint, "model.name")
+    device = resolve_device(config.train.device)
     model = build_model(
         config.model.name, NUM_CLASSES, feature_point=config.model.feature_point, random_init_notice=False
     ).to(device)

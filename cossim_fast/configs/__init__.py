@@ -12,9 +12,10 @@ def names() -> list[str]:
 
 
 def resolve(name_or_path: str) -> Path:
-    """A shipped config's path by name, or the given file path."""
+    """A shipped config's path by name, or the given file path (a YAML name or an existing file:
+    a folder named like a shipped config, such as data/synthetic, does not hide it)."""
     path = Path(name_or_path)
-    if path.suffix in (".yaml", ".yml") or path.exists():
+    if path.suffix in (".yaml", ".yml") or path.is_file():
         return path
     shipped = FOLDER / f"{name_or_path}.yaml"
     if not shipped.is_file():

@@ -8,6 +8,7 @@ and is read back with ``torch.load(weights_only=True)``: no arbitrary code runs 
 
 from __future__ import annotations
 
+import json
 import os
 import random
 import tempfile
@@ -16,6 +17,8 @@ from typing import Any
 
 import numpy as np
 import torch
+
+from cossim_fast.training.config import ConfigError
 
 
 def rng_state() -> dict[str, Any]:
@@ -89,6 +92,13 @@ class CheckpointError(ValueError):
 
 #: What every checkpoint holds (``Trainer.save_checkpoint``), and what readers index first.
 REQUIRED_KEYS = ("model", "config", "iteration")
+
+
+def check_model_name(state: dict[str, Any], expected: str, path: str | Path, key: str) -> None:
+    """ConfigError naming ``key`` when the checkpoint ``state`` (from ``path``) holds another model."""
+    saved = json.loads(state["config"]).get("model", {}).get("name")
+    if saved != expected:
+        raise ConfigError(f"{key}: {path} holds a {saved}, not a {expected} (model.name)")
 
 
 def load(path: str | Path, map_location: str | torch.device = "cpu") -> dict[str, Any]:

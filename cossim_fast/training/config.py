@@ -74,7 +74,7 @@ class OptimConfig:
     name: str = "sgd"  # sgd | adamw
     lr: float = 2.5e-4
     head_lr_mult: float = 10.0
-    momentum: float = 0.9
+    momentum: float = 0.9  # sgd only
     weight_decay: float = 5e-4
     poly_power: float = 0.9
 
@@ -339,10 +339,20 @@ def config_changes(old: dict, new: dict) -> list[str]:
 STATE_KEYS = ("model.name", "model.feature_point", "cosine.slots_per_class", "optim.name")
 
 
+def _frozen_bn(flat: dict[str, Any]) -> bool:
+    """Whether BatchNorm is frozen (its parameters then are not in the optimizer's groups)."""
+    chosen = flat.get("model.freeze_bn")
+    return chosen if chosen is not None else flat.get("model.pretrained") is not None
+
+
 def check_resumable(saved: dict, current: dict, path: str | Path) -> None:
-    """ConfigError naming the ``STATE_KEYS`` that differ between a checkpoint's config and this one."""
+    """ConfigError naming the ``STATE_KEYS`` that differ between a checkpoint's config and this
+    one, and a change of frozen BatchNorm (``model.freeze_bn``, or ``model.pretrained`` when
+    that is null), which changes the optimizer's parameter groups."""
     before, after = _flatten(saved), _flatten(current)
     changed = [f"{key}: {before.get(key)!r} -> {after.get(key)!r}" for key in STATE_KEYS if before.get(key) != after.get(key)]
+    if _frozen_bn(before) != _frozen_bn(after):
+        changed.append(f"model.freeze_bn (BatchNorm frozen, null follows model.pretrained): {_frozen_bn(before)} -> {_frozen_bn(after)}")
     if changed:
         raise ConfigError(
             f"cannot resume from {path}: its state was made with other settings ({'; '.join(changed)}); "

@@ -24,7 +24,8 @@ class Context:
         return self.rank == 0
 
 
-def _device(preference: str, local_rank: int) -> torch.device:
+def resolve_device(preference: str, local_rank: int = 0) -> torch.device:
+    """``train.device`` (auto | cpu | cuda) as a device; a CUDA one becomes the current device."""
     if preference == "cuda" or (preference == "auto" and torch.cuda.is_available()):
         if not torch.cuda.is_available():
             raise ConfigError("train.device is 'cuda' but no CUDA device is available (use auto or cpu)")
@@ -38,7 +39,7 @@ def setup(preference: str = "auto") -> Context:
     world = int(os.environ.get("WORLD_SIZE", "1"))
     rank = int(os.environ.get("RANK", "0"))
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
-    device = _device(preference, local_rank)
+    device = resolve_device(preference, local_rank)
     if world > 1 and not dist.is_initialized():
         dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
     return Context(rank, world, local_rank, device)

@@ -102,7 +102,8 @@ def plot_curves(history: list[dict[str, Any]], run_dir: Path) -> None:
     if evals:
         figure, axis = plt.subplots(figsize=(7, 4))
         for key in [k for k in evals[-1] if k.startswith("mIoU")]:
-            axis.plot([row["iteration"] for row in evals], [row[key] for row in evals], marker="o", label=f"target {key}")
+            scores = [100 * row[key] for row in evals]  # stored as fractions
+            axis.plot([row["iteration"] for row in evals], scores, marker="o", label=f"target {key}")
         axis.set_xlabel("iteration")
         axis.set_ylabel("mIoU (%)")
         axis.legend()

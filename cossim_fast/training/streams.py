@@ -93,7 +93,12 @@ def batch_stream(
 ) -> Iterator[tuple[Tensor, Tensor]]:
     """``(images, labels)`` per iteration from ``start`` on, flipped as drawn by ``flips``."""
     sampler = IterationBatches(len(dataset), batch_size, seed, rank=rank, world=world, start=start)
-    loader = DataLoader(dataset, batch_sampler=sampler, num_workers=num_workers, persistent_workers=num_workers > 0)
+    # Its own generator for the workers' base seed: a loader started on resume must not move
+    # the global RNG, whose state the checkpoints save and restore.
+    loader = DataLoader(
+        dataset, batch_sampler=sampler, num_workers=num_workers, persistent_workers=num_workers > 0,
+        generator=torch.Generator().manual_seed(seed),
+    )
     for iteration, (images, labels, _) in enumerate(loader, start=start):
         if flip:
             flipped = flips(seed, iteration, batch_size, rank, world)

@@ -34,6 +34,9 @@ def make_dataset(domain: DomainConfig, key: str, *, labels: bool, full_resolutio
     options: dict[str, Any] = dict(load_labels=labels, resize=tuple(domain.size), resize_label=not full_resolution_labels)
     if domain.kind == "cityscapes":
         options["split"] = domain.split
+    elif domain.split != "train":  # e.g. a val set switched to gta5, keeping split: val
+        print(f"warning: {key}.split={domain.split!r} is ignored: {domain.kind} has no splits, every image under "
+              f"{key}.root is read")
     try:
         dataset = kind(domain.root, **options)
         dataset.preflight()
@@ -109,7 +112,9 @@ class Trainer:
             random_init_notice=config.model.init_from is None and resume_from is None,  # else weights come later
         ).to(self.device)
         if config.model.init_from:
-            model.load_state_dict(checkpoint.load(config.model.init_from)["model"])
+            state = checkpoint.load(config.model.init_from)
+            checkpoint.check_model_name(state, config.model.name, config.model.init_from, "model.init_from")
+            model.load_state_dict(state["model"])
         self.model = model
         self.net = distributed.wrap(model, self.context)
         self.optimizer = self._make_optimizer(model)

@@ -93,6 +93,12 @@ def test_overrides_defaults_and_round_trip(tmp_path):
         configs.resolve("no_such_config")
 
 
+def test_a_folder_named_like_a_shipped_config_does_not_hide_it(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "synthetic").mkdir()  # e.g. data/synthetic, with the command run from data/
+    assert configs.resolve("synthetic") == configs.FOLDER / "synthetic.yaml"
+
+
 def test_batch_streams_resume_and_split_across_ranks():
     stream = IterationBatches(10, 3, seed=5)
     whole = [stream.batch(i) for i in range(7)]  # crosses two epoch boundaries

@@ -46,6 +46,10 @@ def test_resumed_run_reaches_the_same_weights(tiny_config):
     for name, value in _weights(straight).items():
         assert torch.equal(value, resumed.model.state_dict()[name]), name
     assert torch.equal(straight.dictionary.bank, resumed.dictionary.bank)
+    # The loaders a resume starts draw from their own generator: the global RNG goes on as if
+    # the run had not stopped.
+    saved = [checkpoint.load(run.run_dir / "checkpoints" / "last.pt")["rng"] for run in (straight, resumed)]
+    assert torch.equal(saved[0]["torch"], saved[1]["torch"])
 
 
 @pytest.mark.parametrize(
@@ -100,13 +104,30 @@ def test_resume_takes_the_new_optimizer_settings(tiny_config):
     assert len(resumed.optimizer.state) > 0  # the momentum buffers came back
 
 
-@pytest.mark.parametrize("change", ["optim.name=adamw", "cosine.slots_per_class=32", "model.feature_point=pre_activation"])
+@pytest.mark.parametrize(
+    "change", ["optim.name=adamw", "cosine.slots_per_class=32", "model.feature_point=pre_activation", "model.freeze_bn=true"]
+)
 def test_resume_refuses_settings_its_state_was_not_made_with(tiny_config, change):
     Trainer(tiny_config(output="run"), progress=False).train(until=2)
     key = change.split("=")[0]
     with pytest.raises(ConfigError, match=rf"cannot resume from .*last\.pt.*{key}"):
         Trainer(tiny_config(change, output="run"), progress=False)
     Trainer(tiny_config(change, output="run"), resume=None, progress=False)  # a new run may
+
+
+def test_init_from_a_checkpoint_of_another_model_names_the_key(tiny_config):
+    Trainer(tiny_config(output="small"), progress=False).train(until=2)
+    source = tiny_config(output="small").output_dir + "/checkpoints/last.pt"
+    with pytest.raises(ConfigError, match=r"model.init_from: .*last\.pt holds a deeplabv2_small, not a deeplabv2_resnet18"):
+        Trainer(tiny_config("model.name=deeplabv2_resnet18", f"model.init_from={source}", output="big"), progress=False)
+
+
+def test_a_split_of_a_dataset_without_splits_is_reported_as_ignored(tiny_config, tiny_data, capsys):
+    config = tiny_config("data.val.kind=gta5", f"data.val.root={tiny_data}/gta5")  # data.val.split stays "val"
+    trainer_module.make_dataset(config.data.val, "data.val", labels=True)
+    assert "data.val.split='val' is ignored: gta5 has no splits" in capsys.readouterr().out
+    trainer_module.make_dataset(config.data.source, "data.source", labels=True)
+    assert "ignored" not in capsys.readouterr().out
 
 
 def test_resume_into_fp16_loss_scaling_starts_a_new_scaler(tiny_config, monkeypatch):
