@@ -293,6 +293,8 @@ class Trainer:
         if self.iteration >= config.train.iterations:
             if context.is_main:
                 print(f"the run in {self.run_dir} has finished ({self.iteration} iterations); --resume none starts it over")
+                if not any((self.run_dir / "overlays").glob("*.png")):  # killed after its last checkpoint
+                    self._write_final_outputs()
             return next((dict(row["eval"]) for row in reversed(self.history) if "eval" in row), {})
         stop = config.train.iterations if until is None else min(until, config.train.iterations)
         streams = [
@@ -345,9 +347,13 @@ class Trainer:
             self.save_checkpoint("last")
             return result
         if context.is_main:
-            reporting.plot_curves(self.history, self.run_dir)
-            reporting.write_overlays(self.model, self.val, self.device, self.run_dir / "overlays")
+            self._write_final_outputs()
         return result
+
+    def _write_final_outputs(self) -> None:
+        """The curves, then the overlays (written last: their presence marks a complete run)."""
+        reporting.plot_curves(self.history, self.run_dir)
+        reporting.write_overlays(self.model, self.val, self.device, self.run_dir / "overlays")
 
     def _log(self, row: dict[str, Any], bar) -> None:
         self.history.append(row)

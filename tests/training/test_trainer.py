@@ -115,6 +115,17 @@ def test_resume_refuses_settings_its_state_was_not_made_with(tiny_config, change
     Trainer(tiny_config(change, output="run"), resume=None, progress=False)  # a new run may
 
 
+def test_a_finished_run_killed_before_its_plots_writes_them_when_started_again(tiny_config, capsys):
+    config = tiny_config("train.iterations=2", "train.eval_every=2")
+    run_dir = Trainer(config, progress=False).run_dir
+    Trainer(config, progress=False).train()
+    for path in [run_dir / "loss.png", *(run_dir / "overlays").glob("*.png")]:
+        path.unlink()  # as if killed after the final checkpoint
+    Trainer(config, progress=False).train()
+    assert "has finished" in capsys.readouterr().out
+    assert (run_dir / "loss.png").is_file() and any((run_dir / "overlays").glob("*.png"))
+
+
 def test_init_from_a_checkpoint_of_another_model_names_the_key(tiny_config):
     Trainer(tiny_config(output="small"), progress=False).train(until=2)
     source = tiny_config(output="small").output_dir + "/checkpoints/last.pt"
