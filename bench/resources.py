@@ -251,7 +251,34 @@ def triton_launches() -> list[tuple[str, object, tuple, dict]]:
             record(f"all {name}", lambda: triton.all_backward(values, features, values, torch.zeros(rows, dim)))
             denom = torch.ones(rows)
             record(name, lambda: triton.update(bank, counts.clone(), counts.clone(), features, labels, None, denom, -1, -1))
+    # The int64-offset variants (offsets.py) that huge inputs compile: default tiles, backward, update.
+    with _wide_offsets():
+        for dim, dtype in ((256, torch.bfloat16), (2048, torch.bfloat16), (2048, torch.float32)):
+            features, labels, bank, counts = _inputs(dim, dtype)
+            name = f"C={dim} {str(dtype).removeprefix('torch.')} int64 offsets"
+            record(f"max {name}", lambda: triton.max_forward(features, labels, bank, counts, -1))
+            record(f"all {name}", lambda: triton.all_forward(features, labels, bank, counts, 0.5, -1))
+        values, indices = torch.zeros(labels.numel()), torch.zeros(labels.numel(), dtype=torch.int64)
+        record(f"max {name}", lambda: triton.max_backward(values, features, labels, bank, values, indices))
+        denom = torch.ones(labels.numel())
+        record(name, lambda: triton.update(bank, counts.clone(), counts.clone(), features, labels, None, denom, -1, -1))
     return launches
+
+
+@contextlib.contextmanager
+def _wide_offsets():
+    """Every Triton launch inside takes its int64-offset variant, as for tensors past 2**31 elements."""
+    from cossim_fast.backends.triton import backward, max_similarity, ring_buffer, thresholded_sum
+
+    modules = (backward, max_similarity, ring_buffer, thresholded_sum)
+    saved = [module.needs_int64 for module in modules]
+    for module in modules:
+        module.needs_int64 = lambda *args: True
+    try:
+        yield
+    finally:
+        for module, original in zip(modules, saved):
+            module.needs_int64 = original
 
 
 def _inputs(dim: int, dtype):

@@ -15,6 +15,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
+from cossim_fast.backends.triton.offsets import needs_int64
 from cossim_fast.backends.triton.ring_buffer import cast_rne
 from cossim_fast.backends.triton.tiles import next_power_of_2
 
@@ -28,8 +29,10 @@ def _row_gradient_kernel(
     out_ptr, f_ptr, stride_fb, stride_fp, stride_fc, points, dim, num_rows,
     grad_ptr, sims_ptr, pulled_ptr, stride_pk, stride_pm, stride_pc,
     labels_ptr, indices_ptr,
-    BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr, GATHER: tl.constexpr,
+    BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr, GATHER: tl.constexpr, WIDE: tl.constexpr,
 ):
+    if WIDE:  # offsets past 2**31 elements (offsets.py)
+        stride_fc, stride_pc = tl.cast(stride_fc, tl.int64), tl.cast(stride_pc, tl.int64)
     rows = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R).to(tl.int64)
     row_mask = rows < num_rows
     grad = tl.load(grad_ptr + rows, mask=row_mask, other=0.0).to(tl.float32)
@@ -79,7 +82,7 @@ def _launch(features: Tensor, grad: Tensor, sims: Tensor, pulled: Tensor, labels
         out, features, *features.stride(), points, dim, num_rows,
         grad.contiguous(), sims.contiguous(), pulled, *strides,
         labels, indices,
-        BLOCK_R=block_r, BLOCK_C=block_c, GATHER=gather,
+        BLOCK_R=block_r, BLOCK_C=block_c, GATHER=gather, WIDE=needs_int64(features, [2]) or needs_int64(pulled, [pulled.dim() - 1]),
         num_warps=4 if block_r * block_c <= 2048 else 8,
     )
     return out

@@ -41,6 +41,7 @@ import triton.language as tl
 from torch import Tensor
 
 from cossim_fast.backends.schedule import ClassGroups, max_row_tiles
+from cossim_fast.backends.triton.offsets import needs_int64
 from cossim_fast.backends.triton.tiles import TileConfig, next_power_of_2
 
 EPS = tl.constexpr(1e-12)  # as torch.nn.functional.normalize
@@ -134,8 +135,11 @@ def _max_forward_kernel(
     bounds_ptr, num_classes, sorted_rows_ptr, values_ptr, indices_ptr, keys_ptr, norms_ptr, num_rows,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_C: tl.constexpr, CLASS_BLOCK: tl.constexpr,
     C_RESIDENT: tl.constexpr, UPCAST: tl.constexpr, PRECISION: tl.constexpr, SPLITS: tl.constexpr,
-    FLATTEN: tl.constexpr,
+    FLATTEN: tl.constexpr, WIDE: tl.constexpr,
 ):
+    if WIDE:  # offsets past 2**31 elements (offsets.py)
+        stride_fc, stride_bk = tl.cast(stride_fc, tl.int64), tl.cast(stride_bk, tl.int64)
+        stride_bm, stride_bc = tl.cast(stride_bm, tl.int64), tl.cast(stride_bc, tl.int64)
     # A row tile's splits are consecutive programs: they run side by side, sharing its rows in L2.
     tile = tl.program_id(0) // SPLITS
     split = tl.program_id(0) % SPLITS
@@ -265,7 +269,7 @@ def launch_max_forward(
         groups.bounds, num_classes, groups.rows, values, indices, keys, norms, num_rows,
         BLOCK_M=config.block_m, BLOCK_N=config.block_n, BLOCK_C=config.block_c, CLASS_BLOCK=segments,
         C_RESIDENT=config.c_resident, UPCAST=precision is not None, PRECISION=precision, SPLITS=splits,
-        FLATTEN=config.flatten,
+        FLATTEN=config.flatten, WIDE=needs_int64(features, [2]) or needs_int64(bank),
         num_warps=config.num_warps, num_stages=config.num_stages,
     )
     if splits > 1:

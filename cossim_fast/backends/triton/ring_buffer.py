@@ -14,6 +14,7 @@ import triton.language as tl
 from torch import Tensor
 
 from cossim_fast.backends.ring_buffer import advance, plan_visits
+from cossim_fast.backends.triton.offsets import needs_int64
 from cossim_fast.backends.triton.tiles import next_power_of_2
 
 ELEMENTS_PER_PROGRAM = 4096
@@ -41,8 +42,10 @@ def _ring_buffer_kernel(
     bank_ptr, stride_bk, stride_bm, stride_bc, num_classes, slots_per_class, dim,
     f_ptr, stride_fb, stride_fp, stride_fc, points,
     denom_ptr, head_ptr, taken_ptr, first_ptr, rows_by_class_ptr,
-    BLOCK_S: tl.constexpr, BLOCK_C: tl.constexpr,
+    BLOCK_S: tl.constexpr, BLOCK_C: tl.constexpr, WIDE: tl.constexpr,
 ):
+    if WIDE:  # offsets past 2**31 elements (offsets.py)
+        stride_fc, stride_bc = tl.cast(stride_fc, tl.int64), tl.cast(stride_bc, tl.int64)
     flat = tl.program_id(0) * BLOCK_S + tl.arange(0, BLOCK_S).to(tl.int64)
     in_bank = flat < num_classes * slots_per_class
     cls = flat // slots_per_class
@@ -91,7 +94,7 @@ def ring_buffer_update(
         bank, *bank.stride(), num_classes, slots, dim,
         features, *features.stride(), features.shape[1],
         denom, ptr, plan.taken, plan.first, plan.rows_by_class,
-        BLOCK_S=block_s, BLOCK_C=block_c,
+        BLOCK_S=block_s, BLOCK_C=block_c, WIDE=needs_int64(features, [2]) or needs_int64(bank, [2]),
     )
     # Stream order: the kernel has read the old heads before they move.
     advance(counts, ptr, plan.taken, slots)

@@ -27,6 +27,7 @@ from cossim_fast.backends.triton.max_similarity import (
     tile_rows,
     valid_slots,
 )
+from cossim_fast.backends.triton.offsets import needs_int64
 from cossim_fast.backends.triton.tiles import TileConfig
 
 
@@ -74,7 +75,11 @@ def _thresholded_sum_kernel(
     bounds_ptr, num_classes, sorted_rows_ptr, count_ptr, ssum_ptr, dsum_ptr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_C: tl.constexpr, CLASS_BLOCK: tl.constexpr,
     C_RESIDENT: tl.constexpr, UPCAST: tl.constexpr, PRECISION: tl.constexpr, DSUM_STAGES: tl.constexpr,
+    WIDE: tl.constexpr,
 ):
+    if WIDE:  # offsets past 2**31 elements (offsets.py)
+        stride_fc, stride_bk = tl.cast(stride_fc, tl.int64), tl.cast(stride_bk, tl.int64)
+        stride_bm, stride_bc = tl.cast(stride_bm, tl.int64), tl.cast(stride_bc, tl.int64)
     cls, rows, row_mask = tile_rows(bounds_ptr, num_classes, sorted_rows_ptr, tl.program_id(0), BLOCK_M, CLASS_BLOCK)
     if cls < 0:
         return
@@ -149,5 +154,5 @@ def launch_all_forward(
         groups.bounds, num_classes, groups.rows, count, ssum, dsum,
         BLOCK_M=config.block_m, BLOCK_N=config.block_n, BLOCK_C=config.block_c, CLASS_BLOCK=class_block(num_classes),
         C_RESIDENT=config.c_resident, UPCAST=precision is not None, PRECISION=precision, DSUM_STAGES=config.dsum_stages,
-        num_warps=config.num_warps, num_stages=config.num_stages,
+        WIDE=needs_int64(features, [2]) or needs_int64(bank), num_warps=config.num_warps, num_stages=config.num_stages,
     )
