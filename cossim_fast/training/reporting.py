@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import csv
 import json
+import math
 import os
 import sys
 from pathlib import Path
@@ -53,17 +54,33 @@ def brief(row: dict[str, Any]) -> str:
     return ", ".join(parts)
 
 
+def _json_line(row: dict[str, Any]) -> str:
+    """One strict-JSON line: a non-finite number (NaN: the IoU of a class absent from prediction
+    and ground truth; a diverged loss) becomes null, as Python's bare NaN and Infinity are not JSON."""
+
+    def strict(value: Any) -> Any:
+        if isinstance(value, float) and not math.isfinite(value):
+            return None
+        if isinstance(value, dict):
+            return {key: strict(item) for key, item in value.items()}
+        if isinstance(value, (list, tuple)):
+            return [strict(item) for item in value]
+        return value
+
+    return json.dumps(strict(row), allow_nan=False) + "\n"
+
+
 def append_metrics(row: dict[str, Any], run_dir: Path) -> None:
     run_dir.mkdir(parents=True, exist_ok=True)
     with open(run_dir / "metrics.jsonl", "a") as stream:
-        stream.write(json.dumps(row) + "\n")
+        stream.write(_json_line(row))
 
 
 def rewrite_metrics(history: list[dict[str, Any]], run_dir: Path) -> None:
     """``metrics.jsonl`` as ``history`` holds it (on resume: rows logged after the checkpoint go)."""
     run_dir.mkdir(parents=True, exist_ok=True)
     temporary = run_dir / "metrics.jsonl.tmp"
-    temporary.write_text("".join(json.dumps(row) + "\n" for row in history))
+    temporary.write_text("".join(_json_line(row) for row in history))
     os.replace(temporary, run_dir / "metrics.jsonl")
 
 

@@ -25,7 +25,7 @@ def test_short_run_writes_metrics_plots_and_checkpoints(tiny_config):
     for name in ("config.yaml", "metrics.jsonl", "metrics.csv", "eval.csv", "loss.png", "miou.png", "checkpoints/last.pt", "checkpoints/best.pt"):
         assert (run / name).is_file(), name
     assert len(list((run / "overlays").glob("*.png"))) == 3
-    rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    rows = [json.loads(line, parse_constant=pytest.fail) for line in (run / "metrics.jsonl").read_text().splitlines()]
     train_rows = [r for r in rows if "loss_ce" in r]
     assert [r["iteration"] for r in train_rows] == [2, 4, 6]
     for key in ("loss_cos", "loss_ent", "selected", "pseudo_share", "lr", "it_per_s", "peak_mib"):
