@@ -136,7 +136,7 @@ class FeatureDictionary(nn.Module):
         state = generator.get_state()  # host-side for CPU and CUDA generators: no sync
         order = torch.randperm(source_labels.numel(), generator=generator, device=generator.device)
         try:
-            if order.device != self.bank.device and self.bank.is_cuda:  # a pageable copy would wait for the GPU
+            if order.device.type == "cpu" and self.bank.is_cuda:  # a pageable copy would wait for the GPU
                 order = order.pin_memory().to(self.bank.device, non_blocking=True)
             self._write(source, source_labels, order.to(self.bank.device), cap, ignore_index, backend)
         except BaseException:  # e.g. a backend refused in strict mode: a retry gets the same draw
