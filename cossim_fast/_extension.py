@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import importlib
 import importlib.util
+import re
 
 import torch
 
@@ -180,8 +181,34 @@ def describe() -> str:
     if fields.get("cuda", "none") == "none":
         return f"loaded: CPU-only build, no CUDA kernels (torch was not a CUDA build when it was compiled); {built}"
     version = int(fields["cuda"])
-    archs = ", ".join("sm_" + arch.replace(".", "").replace("+PTX", " (+PTX)") for arch in fields.get("archs", "").split(",") if arch)
-    return f"loaded: CUDA {version // 1000}.{version % 1000 // 10} kernels for {archs or 'the default architectures'}; {built}"
+    return f"loaded: CUDA {version // 1000}.{version % 1000 // 10} kernels for {architectures()}; {built}"
+
+
+def architectures() -> str:
+    """The GPU architectures the CUDA kernels were built for, e.g. ``sm_80, sm_90 (+PTX)``."""
+    archs = [arch for arch in _fields(_info).get("archs", "").split(",") if arch]
+    return ", ".join("sm_" + arch.replace(".", "").replace("+PTX", " (+PTX)") for arch in archs) or "the default architectures"
+
+
+def runs_on(capability: tuple[int, int]) -> bool | None:
+    """Whether the CUDA kernels have code for a GPU of this compute capability: a cubin of the
+    same major version at or below its minor (only that exact one for an ``a`` arch-specific
+    cubin), or PTX at or below it, which the driver compiles. None when the build does not list
+    its architectures in a form read here (then no one is refused)."""
+    archs = [arch for arch in _fields(_info).get("archs", "").split(",") if arch]
+    if not archs:
+        return None
+    for arch in archs:
+        match = re.fullmatch(r"(\d+)\.(\d+)(a?)(\+PTX)?", arch)
+        if match is None:
+            return None
+        built = (int(match[1]), int(match[2]))
+        exact_only = match[3] == "a"
+        if exact_only and built == tuple(capability):
+            return True
+        if not exact_only and (built[0] == capability[0] and built[1] <= capability[1] or match[4] and built <= tuple(capability)):
+            return True
+    return False
 
 
 def info() -> str:

@@ -212,6 +212,39 @@ def test_cuda_backend_reasons(monkeypatch):
         assert any("without CUDA kernels" in reason for reason in update)
 
 
+@pytest.mark.parametrize(
+    "archs, capability, runs",
+    [
+        ("8.0,9.0+PTX", (7, 5), False),  # a T4 with the default build
+        ("8.0,9.0+PTX", (8, 6), True),  # the sm_80 cubin runs on every 8.x
+        ("8.0,9.0+PTX", (9, 0), True),
+        ("8.0,9.0+PTX", (12, 0), True),  # compute_90 PTX, compiled by the driver
+        ("8.0,9.0", (10, 0), False),  # cubins only: none for 10.x
+        ("9.0a", (9, 0), True),
+        ("9.0a", (9, 1), False),  # an arch-specific cubin runs on that architecture only
+        ("7.5,8.6", (8, 0), False),  # no cubin at or below 8.0 of major 8
+        ("Ampere", (8, 0), None),  # a form not read here: no one is refused
+    ],
+)
+def test_which_gpus_the_kernels_run_on(monkeypatch, archs, capability, runs):
+    monkeypatch.setattr(_extension, "_info", f"cuda=13000;archs={archs};torch=2.14")
+    assert _extension.runs_on(capability) is runs
+
+
+@pytest.mark.skipif(not _extension.has_cuda_kernels(), reason="needs the extension's CUDA build")
+def test_a_gpu_without_kernel_code_is_refused_with_the_rebuild(monkeypatch):
+    monkeypatch.setattr(_extension, "_info", "cuda=13000;archs=8.0,9.0+PTX;torch=2.14")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda index=None: (7, 5))
+    for op in ("update", "max_forward", "max_backward"):
+        (reason,) = CudaBackend().unsupported_reasons(op, torch.device("cuda"), torch.float32)
+        assert "built for sm_80, sm_90 (+PTX), not for this GPU (sm_75)" in reason
+        assert 'TORCH_CUDA_ARCH_LIST="7.5"' in reason
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda index=None: (8, 9))
+    assert CudaBackend().unsupported_reasons("update", torch.device("cuda"), torch.float32) == []
+
+
 # --------------------------------------------------------------------------------------------
 # The CUDA kernel against plain PyTorch, bitwise: on a GPU, and on the CPU through the CUDA
 # emulation (tests/cuda_emulation), which runs the same kernel source

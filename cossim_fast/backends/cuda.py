@@ -86,6 +86,20 @@ def _tensor_core_reason(op: str, device: torch.device, dtype: torch.dtype) -> st
     return None
 
 
+def _architecture_reason(device: torch.device) -> str | None:
+    """The extension holds no code this GPU can run (e.g. a T4, sm_75, with the default
+    8.0;9.0+PTX build), or None."""
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    major, minor = torch.cuda.get_device_capability(index)
+    if _extension.runs_on((major, minor)) is not False:
+        return None
+    return (
+        f"the extension's CUDA kernels were built for {_extension.architectures()}, "
+        f"not for this GPU (sm_{major}{minor}): rebuild with TORCH_CUDA_ARCH_LIST=\"{major}.{minor}\" "
+        "pip install -e . --no-build-isolation"
+    )
+
+
 class CudaBackend(Backend):
     """Hand-written CUDA kernels of the compiled extension."""
 
@@ -109,6 +123,10 @@ class CudaBackend(Backend):
         device = torch.device(device)
         if device.type != "cuda":
             reasons.append(f"tensors are on {device.type}, the CUDA kernels need cuda")
+        elif _extension.has_cuda_kernels() and torch.cuda.is_available():
+            why = _architecture_reason(device)
+            if why:
+                reasons.append(why)
         if op in OPERATIONS and op not in IMPLEMENTED:
             reasons.append(f"{op} is not implemented in the CUDA extension yet")
         if dtype not in DTYPES:
