@@ -76,7 +76,8 @@ void check_class_forward_args(
   check_vector(op, rows, "rows", c10::ScalarType::Long, "int64 (torch.long)", num_rows, "B*P", features, "features");
   check_vector(
       op, bounds, "bounds", c10::ScalarType::Long, "int64 (torch.long)", bank.size(0) + 2, "K+2", features, "features");
-  TORCH_CHECK(tile_rows >= 1, op, "tile_rows must be at least 1, got ", tile_rows);
+  // Bounded so that the block counts (rows + tile_rows - 1) / tile_rows cannot overflow int64.
+  TORCH_CHECK(tile_rows >= 1 && tile_rows <= INT_MAX, op, "tile_rows must be in [1, ", INT_MAX, "], got ", tile_rows);
   const int64_t blocks = class_tile_blocks(num_rows, bank.size(0), tile_rows);
   TORCH_CHECK(
       blocks <= INT_MAX, op, "tile_rows must cut the ", num_rows, " rows into at most ", INT_MAX,

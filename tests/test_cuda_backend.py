@@ -162,7 +162,8 @@ BAD_ARGUMENTS = [
     ("bounds-dtype", FORWARD, _set("bounds", lambda a: a["bounds"].int()), "bounds", r"int64 \(torch.long\), got Int"),
     ("bounds-shape", FORWARD, _set("bounds", lambda a: a["bounds"][:-1]), "bounds", r"shape \(5,\) = \(K\+2,\)"),
     ("bounds-noncontig", FORWARD, _set("bounds", lambda a: _noncontig(a["bounds"])), "bounds", "contiguous"),
-    ("tile-rows", FORWARD, _set("tile_rows", lambda a: 0), "tile_rows", "at least 1, got 0"),
+    ("tile-rows", FORWARD, _set("tile_rows", lambda a: 0), "tile_rows", r"in \[1, 2147483647\], got 0"),
+    ("tile-rows-huge", FORWARD, _set("tile_rows", lambda a: 2**63 - 1), "tile_rows", r"in \[1, 2147483647\], got 9223372036854775807"),
     ("precision", FORWARD, _set("fp32_precision", lambda a: "fast"), "fp32_precision", r"\"ieee\" or \"tf32\", got \"fast\""),
     # backward "max"
     ("grad-dtype", ("cuda_max_backward",), _set("grad_values", lambda a: a["grad_values"].double()), "grad_values", "float32, got Double"),
