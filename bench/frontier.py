@@ -219,6 +219,13 @@ def child_probe(spec: dict, rows: int) -> dict:
     return {"peak_bytes": meter.stop(), "seconds": seconds, "method": meter.method}
 
 
+def _memory_failure(error: str) -> bool:
+    """Whether a CPU probe's error is running out of memory (its data limit, or the OOM killer),
+    as opposed to a bug, which must not pass for a small frontier."""
+    signs = ("MemoryError", "can't allocate memory", "out of memory", "Cannot allocate memory", "killed by signal 9")
+    return any(sign in error for sign in signs)
+
+
 class CpuMeasurer:
     def __init__(self, spec: StepSpec, budget: int, probe_timeout: float) -> None:
         from bench import memprobe
@@ -237,6 +244,8 @@ class CpuMeasurer:
         )
         if not reply.get("ok"):
             error = reply.get("error", "unknown error")
+            if not reply.get("timeout") and not _memory_failure(error):
+                raise RuntimeError(f"the probe at N={rows} failed, not for memory: {error}")
             return {"fits": False, "peak_bytes": None, "timeout": bool(reply.get("timeout")), "error": error}
         return {"fits": reply["peak_bytes"] <= self.budget, "peak_bytes": reply["peak_bytes"], "seconds": reply["seconds"]}
 
@@ -359,7 +368,9 @@ def search(
                 inner_low, inner_high = low + 0.1 * (high - low), high - 0.1 * (high - low)
                 guess = predicted * (1 - tol / 4) if predicted else math.sqrt(low * high)
                 candidate = guess if inner_low <= guess <= inner_high else math.sqrt(low * high)
-            candidate = min(_round(candidate, step), max_n)
+            # Rounded down to the step it may land on N that fitted: the next step up is then the
+            # probe (its own N is the one left to decide), unless it is the failing N itself.
+            candidate = min(max(_round(candidate, step), low + step), max_n)
             if candidate <= low or (high is not None and candidate >= high):
                 break
             probe(candidate)

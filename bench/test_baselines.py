@@ -144,6 +144,41 @@ def test_frontier_search_brackets_a_linear_frontier():
     assert len(result.probes) <= 8
 
 
+def test_frontier_search_steps_past_a_prediction_that_rounds_down_to_a_fitting_n():
+    # Exactly linear, 311296 bytes per row (the reference at M = 4096): 3328 rows fit 1000 MiB,
+    # 3584 do not. The prediction rounded down to the step once landed on 3072, which had fitted,
+    # and the search stopped there.
+    budget = 1000 * 2**20
+    spec = frontier.StepSpec("reference", 4096, 256, 19, "fp32", "max", 0.0, "cpu")
+
+    def measure(rows):
+        return {"fits": rows * 311296 <= budget, "peak_bytes": rows * 311296}
+
+    for start in (4096, 1024):
+        result = frontier.search(spec, measure, budget, start_n=start, step=256, tol=0.05, max_n=2**26,
+                                 deadline=math.inf, lower_bound=lambda rows: 0)
+        assert (result.largest_n, result.smallest_failing_n) == (3328, 3584), start
+
+
+def test_a_cpu_probe_that_fails_for_another_reason_than_memory_raises(monkeypatch):
+    spec = frontier.StepSpec("torch", 1024, 256, 19, "fp32", "max", 0.0, "cpu")
+    measurer = frontier.CpuMeasurer(spec, 2**30, 60)
+    replies = iter([
+        {"ok": False, "error": "RuntimeError: DefaultCPUAllocator: can't allocate memory: you tried to allocate 8 GB"},
+        {"ok": False, "error": "ValueError: threshold must not be NaN"},
+    ])
+    monkeypatch.setattr(measurer.probe, "run", lambda request: next(replies))
+    assert measurer(4096)["fits"] is False
+    with pytest.raises(RuntimeError, match="the probe at N=4096 failed, not for memory: ValueError"):
+        measurer(4096)
+
+
+def test_class_gemm_reports_no_peak_rather_than_zero():
+    # Its rows and output exist before the call: a measured peak would read "no memory needed".
+    memory = harness.measure_peak(harness.Case("max-fwd", "class_gemm", 64, 16, 8, "fp32"))
+    assert memory["peak_mib"] is None and "throughput line" in memory["peak_method"]
+
+
 def test_train_step_shares_n_among_the_batch():
     spec = frontier.StepSpec("torch", 16, 0, 19, "fp32", "max", 0.0, "cpu", "train", batch=2)
     step = frontier.TrainStep(spec)
