@@ -93,6 +93,9 @@ ARCH=$($PY -c "import torch; print('%d.%d' % torch.cuda.get_device_capability())
 if [ -n "$ARCH" ]; then export TORCH_CUDA_ARCH_LIST=${TORCH_CUDA_ARCH_LIST:-$ARCH}; fi
 export MAX_JOBS=${MAX_JOBS:-16}
 step build 90 $PY -m pip install -e . --no-build-isolation --no-deps
+# Without the compiled CUDA kernels the cuda_tests and bench_cuda steps skip every case and
+# still read "ok": this step fails instead, so the summary says so.
+step extension 10 $PY -c "from cossim_fast import _extension as e; print(e.describe()); assert e.has_cuda_kernels() and e.has_cosine_ops(), 'no CUDA kernels loaded: the CUDA tests and benchmarks below skip'"
 # The Triton tests first and in their own processes: a fault in the CUDA kernels poisons the
 # CUDA context of the process it happens in. Per-test limit where
 # pytest-timeout is installed. The Triton tests run on CUDA tensors without a gpu marker.
