@@ -202,11 +202,11 @@ def runs_on(capability: tuple[int, int]) -> bool | None:
         match = re.fullmatch(r"(\d+)\.(\d+)(a?)(\+PTX)?", arch)
         if match is None:
             return None
-        built = (int(match[1]), int(match[2]))
-        exact_only = match[3] == "a"
-        if exact_only and built == tuple(capability):
-            return True
-        if not exact_only and (built[0] == capability[0] and built[1] <= capability[1] or match[4] and built <= tuple(capability)):
+        built, capability = (int(match[1]), int(match[2])), tuple(capability)
+        if match[3] == "a":  # arch-specific: that architecture only
+            if built == capability:
+                return True
+        elif built[0] == capability[0] and built[1] <= capability[1] or match[4] and built <= capability:
             return True
     return False
 

@@ -76,13 +76,14 @@ def _launch(features: Tensor, grad: Tensor, sims: Tensor, pulled: Tensor, labels
     block_c = min(max(16, next_power_of_2(dim)), MAX_BLOCK_C)
     block_r = max(1, min(64, ELEMENTS_PER_PROGRAM // block_c))
     gather = labels is not None
+    wide = needs_int64(features, [2]) or needs_int64(pulled, [pulled.dim() - 1])
     # "max" gathers from the (K, M, C) bank; "all" reads row i of the (N, C) dsum (no slot stride).
     strides = pulled.stride() if gather else (pulled.stride(0), 0, pulled.stride(1))
     _row_gradient_kernel[(triton.cdiv(num_rows, block_r),)](
         out, features, *features.stride(), points, dim, num_rows,
         grad.contiguous(), sims.contiguous(), pulled, *strides,
         labels, indices,
-        BLOCK_R=block_r, BLOCK_C=block_c, GATHER=gather, WIDE=needs_int64(features, [2]) or needs_int64(pulled, [pulled.dim() - 1]),
+        BLOCK_R=block_r, BLOCK_C=block_c, GATHER=gather, WIDE=wide,
         num_warps=4 if block_r * block_c <= 2048 else 8,
     )
     return out
