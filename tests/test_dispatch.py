@@ -152,6 +152,34 @@ def test_unmeasured_cuda_kernels_are_not_chosen_by_auto(fake_gpu):
     assert dispatch.select("max_forward", "auto", cuda, torch.float16, dim=256, rows=16384).name == "triton"
 
 
+def test_auto_left_with_torch_on_a_gpu_warns_once_and_strict_mode_allows_it(fake_gpu, monkeypatch):
+    # No fused backend can run the input: "auto" takes torch and says why (strict mode forbids
+    # only the fallback of an explicit request).
+    monkeypatch.setattr(dispatch, "unsupported_reasons", lambda name, *args: [] if name == "torch" else [f"{name} cannot"])
+    monkeypatch.setattr(dispatch, "_warned", set())
+    monkeypatch.setattr(dispatch, "_strict", True)
+    cuda = torch.device("cuda")
+    with pytest.warns(RuntimeWarning, match="triton cannot.*\n.*cuda cannot|cuda cannot.*\n.*triton cannot"):
+        assert dispatch.select("max_forward", "auto", cuda, torch.bfloat16, dim=256, rows=16384).name == "torch"
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # once per (op, request, choice)
+        assert dispatch.select("max_forward", "auto", cuda, torch.bfloat16, dim=256, rows=16384).name == "torch"
+
+
+def test_available_backends_counts_a_backend_that_runs_on_any_device(monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(dispatch, "unsupported_reasons", lambda name, op, device, dtype: [] if device.type == "cuda" or name == "torch" else ["cpu"])
+    assert "cuda" in cossim_fast.available_backends() and "cuda" not in cossim_fast.available_backends("cpu")
+
+
+def test_a_rerun_of_one_dtype_keeps_the_other_dtypes_entries(tmp_path):
+    path = tmp_path / "auto_rule.json"
+    auto_rule.write([_entry("max_forward", 256, 16384, "cuda", dtype="float32"), _entry("max_forward", 256, 16384, "cuda")], path)
+    auto_rule.write([_entry("max_forward", 256, 16384, "triton")], path)  # bf16 remeasured
+    entries = auto_rule.measurements(path)
+    assert sorted((e["dtype"], e["faster"]) for e in entries) == [("bfloat16", "triton"), ("float32", "cuda")]
+
+
 def test_rule_entries_replace_their_architecture_op_and_dtype(tmp_path):
     path = tmp_path / "auto_rule.json"
     auto_rule.write([_entry("max_forward", 256, 16384, "cuda", arch="8.0")], path)

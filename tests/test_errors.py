@@ -44,9 +44,11 @@ def loss(threshold=0.5, **kwargs):
         (dict(labels=torch.tensor([0, -1, 0, 0, 0, 0])), ValueError, "got -1 at row 1"),
         (dict(features=FEATURES.clone().index_fill_(0, torch.tensor([4]), float("nan"))), ValueError, "features contain NaN or inf .first at row 4"),
         (dict(features=FEATURES.clone().index_fill_(0, torch.tensor([2]), float("inf"))), ValueError, "NaN or inf .first at row 2"),
+        (dict(features=FEATURES.clone().index_fill_(0, torch.tensor([3]), float("-inf"))), ValueError, "NaN or inf .first at row 3"),
         (dict(backend="fast"), ValueError, "backend must be one of"),
         (dict(ignore_index=255.0), TypeError, "ignore_index must be an int"),
         (dict(ignore_index=2), ValueError, r"ignore_index must not be a class index in \[0, 3\), got 2"),
+        (dict(ignore_index=0), ValueError, r"ignore_index must not be a class index in \[0, 3\), got 0"),
     ],
 )
 def test_bad_similarity_inputs(kwargs, error, match):

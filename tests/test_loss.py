@@ -75,6 +75,20 @@ def test_loss_and_gradient_match_reference(backend, mode, dtype):
     assert_close_gradient(grad, ref_grad, dtype)
 
 
+@pytest.mark.parametrize("backend", ["reference", *BACKENDS])
+@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("reduction", REDUCTIONS)
+def test_a_negative_ignore_index_gives_the_loss_of_255(backend, mode, reduction):
+    # class_mean groups the terms by label: an ignored label of -1 must not be a group index.
+    bank, counts = make_bank(3, 6, 5, counts=[6, 4, 2], generator=torch.Generator().manual_seed(3))
+    features, labels = make_rows(30, 5, 3, ignore_share=0.3)
+    kwargs = dict(mode=mode, backend=backend, reduction=reduction)
+    with_255 = cossim_fast.cosine_similarity_loss(features, labels, bank, counts, 0.1, **kwargs)
+    minus_one = torch.where(labels == IGNORE, -1, labels)
+    got = cossim_fast.cosine_similarity_loss(features, minus_one, bank, counts, 0.1, ignore_index=-1, **kwargs)
+    torch.testing.assert_close(got, with_255)
+
+
 def test_all_mode_gradcheck_float64():
     bank, counts = make_bank(2, 7, 4, counts=[7, 3], dtype=torch.float64)
     features = torch.randn(6, 4, dtype=torch.float64, requires_grad=True)
