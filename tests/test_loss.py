@@ -153,3 +153,8 @@ def test_torch_backend_split_into_many_chunks_matches_reference(mode, monkeypatc
     assert_close_gradient(grad, ref_grad, torch.float32)
     torch.testing.assert_close(values, ref_values, atol=1e-6, rtol=0)
     assert torch.equal(indices, ref_indices) and indices[0] == 2
+    # With the value checks off, counts past M (here past several slot chunks) read as M.
+    too_many = torch.tensor([3 * 17, 8, 0, 16])
+    got = cossim_fast.max_cosine_similarity(features, labels, bank, too_many, backend="torch", check_values=False)
+    want = cossim_fast.max_cosine_similarity(features, labels, bank, too_many.clamp(max=17), backend="reference")
+    assert torch.equal(got[1], want[1]) and torch.allclose(got[0], want[0], atol=1e-6, rtol=0)
