@@ -14,6 +14,7 @@ This module also holds the fake (meta) kernels of the C++ ops: the C++ library n
 
 from __future__ import annotations
 
+import functools
 import importlib
 import importlib.util
 import re
@@ -195,14 +196,19 @@ def runs_on(capability: tuple[int, int]) -> bool | None:
     same major version at or below its minor (only that exact one for an ``a`` arch-specific
     cubin), or PTX at or below it, which the driver compiles. None when the build does not list
     its architectures in a form read here (then no one is refused)."""
-    archs = [arch for arch in _fields(_info).get("archs", "").split(",") if arch]
+    return _runs_on(_info, tuple(capability))
+
+
+@functools.cache  # asked by the dispatcher on every CUDA call
+def _runs_on(info: str, capability: tuple[int, int]) -> bool | None:
+    archs = [arch for arch in _fields(info).get("archs", "").split(",") if arch]
     if not archs:
         return None
     for arch in archs:
         match = re.fullmatch(r"(\d+)\.(\d+)(a?)(\+PTX)?", arch)
         if match is None:
             return None
-        built, capability = (int(match[1]), int(match[2])), tuple(capability)
+        built = (int(match[1]), int(match[2]))
         if match[3] == "a":  # arch-specific: that architecture only
             if built == capability:
                 return True
