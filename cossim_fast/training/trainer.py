@@ -27,14 +27,16 @@ from cossim_fast.training.target_losses import class_shares, downsample_labels, 
 CHECKPOINT_DIR = "checkpoints"
 
 
-def make_dataset(domain: DomainConfig, key: str, *, labels: bool, full_resolution_labels: bool = False):
+def make_dataset(domain: DomainConfig, key: str, *, labels: bool, full_resolution_labels: bool = False,
+                 warn: bool = True):
     """A dataset of the configured layout, checked before training starts (pre-flight); its
-    errors name the config ``key`` (e.g. ``data.source``) whose root or kind to change."""
+    errors name the config ``key`` (e.g. ``data.source``) whose root or kind to change.
+    ``warn=False`` keeps its warnings quiet (DDP ranks other than the first)."""
     kind = DATASETS[domain.kind]
     options: dict[str, Any] = dict(load_labels=labels, resize=tuple(domain.size), resize_label=not full_resolution_labels)
     if domain.kind == "cityscapes":
         options["split"] = domain.split
-    elif domain.split != "train":  # e.g. a val set switched to gta5, keeping split: val
+    elif domain.split != "train" and warn:  # e.g. a val set switched to gta5, keeping split: val
         print(f"warning: {key}.split={domain.split!r} is ignored: {domain.kind} has no splits, every image under "
               f"{key}.root is read")
     try:
@@ -82,6 +84,17 @@ class StepStats:
         self.sums, self.counts = {}, {}
         return result
 
+    def state_dict(self, context: distributed.Context | None = None) -> dict[str, Any]:
+        """The sums not yet logged, averaged over the ranks (call it on every rank): a resumed
+        run restores them on each rank, and the mean over ranks of ``restored + new`` is the
+        mean an uninterrupted run logs."""
+        sums = {name: distributed.mean_over_ranks(self.sums[name], context).cpu() for name in sorted(self.sums)}
+        return {"sums": sums, "counts": dict(self.counts)}
+
+    def load_state_dict(self, state: dict[str, Any], device: torch.device) -> None:
+        self.sums = {name: value.to(device) for name, value in state["sums"].items()}
+        self.counts = dict(state["counts"])
+
 
 class Trainer:
     """Builds everything from a :class:`Config` and runs (or resumes) the training."""
@@ -98,9 +111,10 @@ class Trainer:
 
         if config.data.synthetic.enabled:
             self._generate_synthetic_data()
-        self.source = make_dataset(config.data.source, "data.source", labels=True)
-        self.target = make_dataset(config.data.target, "data.target", labels=False)
-        self.val = make_dataset(config.data.val, "data.val", labels=True, full_resolution_labels=True)
+        warn = self.context.is_main
+        self.source = make_dataset(config.data.source, "data.source", labels=True, warn=warn)
+        self.target = make_dataset(config.data.target, "data.target", labels=False, warn=warn)
+        self.val = make_dataset(config.data.val, "data.val", labels=True, full_resolution_labels=True, warn=warn)
         if config.data.num_workers == 0:
             self.source, self.target = CachedDataset(self.source), CachedDataset(self.target)
 
@@ -129,6 +143,7 @@ class Trainer:
         self.iteration = 0
         self.best_miou = -1.0
         self.history: list[dict[str, Any]] = []
+        self.stats = StepStats()  # summed since the last logged row
         self._resume(resume_from)
         if self.context.is_main:
             self.run_dir.mkdir(parents=True, exist_ok=True)
@@ -177,6 +192,8 @@ class Trainer:
         self.iteration = state["iteration"]
         self.best_miou = state["best_miou"]
         self.history = [json.loads(line) for line in state["history"]]
+        if "pending_stats" in state:  # absent from checkpoints of older versions: the next row averages fewer steps
+            self.stats.load_state_dict(state["pending_stats"], self.device)
         checkpoint.set_rng_state(state["rng"])
         if self.context.is_main:
             print(f"resumed from {path} at iteration {self.iteration}")
@@ -207,6 +224,8 @@ class Trainer:
             group.update((key, value) for key, value in new.items() if key != "params")
 
     def save_checkpoint(self, name: str) -> None:
+        """Call it on every rank: the unlogged step statistics are averaged over the ranks."""
+        pending_stats = self.stats.state_dict(self.context)
         if not self.context.is_main:
             return
         payload = {
@@ -217,6 +236,7 @@ class Trainer:
             "iteration": self.iteration,
             "best_miou": self.best_miou,
             "history": [json.dumps(row) for row in self.history],
+            "pending_stats": pending_stats,
             "rng": checkpoint.rng_state(),
             "config": json.dumps(to_dict(self.config)),
             "world": self.context.world,
@@ -307,7 +327,7 @@ class Trainer:
             )
         ]
         self.net.train()
-        stats = StepStats()
+        stats = self.stats
         bar = reporting.progress(config.train.iterations, self.iteration, "train", enabled=self.progress)
         window_start, window_first, paused, result = time.perf_counter(), self.iteration, 0.0, {}
         while self.iteration < stop:

@@ -79,6 +79,23 @@ def test_memory_levers_train_the_same_model(tiny_config, lever, tolerance, monke
     torch.testing.assert_close(lean.dictionary.bank, plain.dictionary.bank, **tolerance)
 
 
+def _logged(trainer) -> list[str]:
+    """The history without its timings, as JSON (the IoU of an absent class is NaN, not equal to itself)."""
+    timing = {"it_per_s", "peak_mib"}
+    return [json.dumps({key: value for key, value in row.items() if key not in timing}) for row in trainer.history]
+
+
+def test_a_resume_between_logged_rows_logs_what_an_uninterrupted_run_logs(tiny_config):
+    settings = ("train.log_every=4", "train.checkpoint_every=100")  # rows at 4 and 6, the stop at 2
+    straight = Trainer(tiny_config(*settings, output="straight"), progress=False)
+    straight.train()
+    Trainer(tiny_config(*settings, output="interrupted"), progress=False).train(until=2)
+    resumed = Trainer(tiny_config(*settings, output="interrupted"), progress=False)
+    resumed.train()
+    assert [row["iteration"] for row in straight.history] == [3, 4, 6, 6]  # evaluations at 3 and 6
+    assert _logged(resumed) == _logged(straight)  # the row at 4 averages iterations 1 to 4 in both
+
+
 def test_resume_drops_rows_logged_after_the_checkpoint_and_names_config_changes(tiny_config, capsys):
     Trainer(tiny_config(output="run"), progress=False).train(until=4)
     metrics = tiny_config(output="run").output_dir + "/metrics.jsonl"
@@ -137,6 +154,8 @@ def test_a_split_of_a_dataset_without_splits_is_reported_as_ignored(tiny_config,
     config = tiny_config("data.val.kind=gta5", f"data.val.root={tiny_data}/gta5")  # data.val.split stays "val"
     trainer_module.make_dataset(config.data.val, "data.val", labels=True)
     assert "data.val.split='val' is ignored: gta5 has no splits" in capsys.readouterr().out
+    trainer_module.make_dataset(config.data.val, "data.val", labels=True, warn=False)  # DDP ranks but the first
+    assert capsys.readouterr().out == ""
     trainer_module.make_dataset(config.data.source, "data.source", labels=True)
     assert "ignored" not in capsys.readouterr().out
 
