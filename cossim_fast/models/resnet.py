@@ -211,6 +211,10 @@ class ResNet(nn.Module):
         ``torch.utils.checkpoint``: the backward recomputes them from their saved input, with
         the batch statistics the first pass used, and the running statistics it updates again
         are put back, so gradients and BatchNorm buffers are those of a plain run.
+
+        The blocks are called one by one, so forward hooks on a block fire, but hooks on the
+        ``layer1``..``layer4`` containers and on layer4's last block (run through its
+        ``forward_pre_activation``) do not: hook a block, or read ``SegmentationOutput``.
         """
         *head_blocks, last = self.layer4
         x = self._run(self._stem, x, self.bn1)
