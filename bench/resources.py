@@ -258,10 +258,12 @@ def triton_launches() -> list[tuple[str, object, tuple, dict]]:
             name = f"C={dim} {str(dtype).removeprefix('torch.')} int64 offsets"
             record(f"max {name}", lambda: triton.max_forward(features, labels, bank, counts, -1))
             record(f"all {name}", lambda: triton.all_forward(features, labels, bank, counts, 0.5, -1))
-        values, indices = torch.zeros(labels.numel()), torch.zeros(labels.numel(), dtype=torch.int64)
-        record(f"max {name}", lambda: triton.max_backward(values, features, labels, bank, values, indices))
-        denom = torch.ones(labels.numel())
-        record(name, lambda: triton.update(bank, counts.clone(), counts.clone(), features, labels, None, denom, -1, -1))
+            rows = labels.numel()
+            values, indices = torch.zeros(rows), torch.zeros(rows, dtype=torch.int64)
+            record(f"max {name}", lambda: triton.max_backward(values, features, labels, bank, values, indices))
+            record(f"all {name}", lambda: triton.all_backward(values, features, values, torch.zeros(rows, dim)))
+            denom = torch.ones(rows)
+            record(name, lambda: triton.update(bank, counts.clone(), counts.clone(), features, labels, None, denom, -1, -1))
     return launches
 
 

@@ -93,6 +93,13 @@ def test_triton_tile_space_compiles_for_sm90_without_spills(tmp_path):
     assert {row["kernel"] for row in rows} == {
         *kernels.values(), "_merge_splits_kernel", "_row_gradient_kernel", "_ring_buffer_kernel",
     }
+    wide = {(row["kernel"], row["variant"]) for row in rows if "int64 offsets" in row["variant"]}
+    for case in ("C=256 bfloat16", "C=2048 bfloat16", "C=2048 float32"):  # every kernel's int64-offset variant
+        name = f"{case} int64 offsets"
+        for kernel, variant in ((kernels["max"], f"max {name}"), (kernels["all"], f"all {name}"),
+                                ("_row_gradient_kernel", f"max {name}"), ("_row_gradient_kernel", f"all {name}"),
+                                ("_ring_buffer_kernel", name)):
+            assert (kernel, variant) in wide, (kernel, variant)
 
 
 @pytest.mark.skipif(torch.version.cuda is None or shutil.which("nvcc") is None and not os.environ.get("CUDA_HOME"),
