@@ -33,7 +33,9 @@ from torch.utils.data import Dataset, get_worker_info
 
 from cossim_fast.data.labels import (
     CITYSCAPES_ID_TO_TRAINID,
+    CLASS_NAMES,
     GTA5_ID_TO_TRAINID,
+    IGNORE_INDEX,
     SYNTHIA_ID_TO_TRAINID,
     map_ids,
 )
@@ -46,6 +48,10 @@ IMAGENET_STD: tuple[float, float, float] = (0.229, 0.224, 0.225)
 # (e.g. Cityscapes *_gtFine_color.png) picked by mistake.
 _ID_MAP_MODES = ("L", "P", "I", "I;16", "I;16B")
 _MAX_LISTED_PROBLEMS = 5
+#: Labels the pre-flight scan decodes to check their ids (first, middle and last).
+_LABELS_SAMPLED = 3
+#: Train ids as a label file of the wrong kind holds them (e.g. Cityscapes' labelTrainIds).
+_TRAIN_ID_VALUES = frozenset((*range(19), 255))
 
 
 class DatasetError(ValueError):
@@ -54,13 +60,15 @@ class DatasetError(ValueError):
 
 @dataclass(frozen=True)
 class ScanReport:
-    """What a pre-flight scan saw: sample count and image sizes ``(w, h) -> count``."""
+    """What a pre-flight scan saw: sample count, image sizes ``(w, h) -> count``, and warnings
+    about content that may be wrong (e.g. labels that look like train ids, not raw ids)."""
 
     dataset: str
     root: Path
     num_samples: int
     image_sizes: dict[tuple[int, int], int]
     labels_checked: bool
+    warnings: tuple[str, ...] = ()
 
     def __str__(self) -> str:
         sizes = ", ".join(f"{w}x{h} ({n})" for (w, h), n in sorted(self.image_sizes.items()))
@@ -98,6 +106,14 @@ def _opencv():
     return cv2
 
 
+def _is_palette_png(path: str | Path) -> bool:
+    try:
+        with Image.open(path) as im:
+            return im.mode == "P"
+    except (OSError, UnidentifiedImageError):
+        return False  # the decoder below reports what is wrong with the file
+
+
 def read_synthia_label(path: str | Path) -> np.ndarray:
     """Raw SYNTHIA class ids (first channel) of a label PNG of any bit depth, as ``H x W``.
 
@@ -108,6 +124,12 @@ def read_synthia_label(path: str | Path) -> np.ndarray:
     to their high byte.
     """
     cv2 = _opencv()
+    if _is_palette_png(path):  # OpenCV would expand the palette to colours: the indices are the ids
+        try:
+            with Image.open(path) as im:
+                return np.array(im)
+        except OSError as exc:
+            raise DatasetError(f"cannot read {path} as a PNG label: {exc}") from exc
     if cv2 is not None:
         data = cv2.imread(str(path), cv2.IMREAD_UNCHANGED)
         if data is None:
@@ -236,7 +258,8 @@ class SegmentationDataset(Dataset[tuple[Tensor, Tensor, str]], abc.ABC):
         """Open every file before training: readable PNGs, label modes, image/label sizes.
 
         Reads only PNG headers unless ``deep``, which decodes every file (slow on full
-        datasets, catches truncated files). Raises ``DatasetError`` listing the problems.
+        datasets, catches truncated files), and decodes a few labels to check their ids.
+        Raises ``DatasetError`` listing the problems.
         """
         problems: list[str] = []
         sizes: collections.Counter[tuple[int, int]] = collections.Counter()
@@ -258,7 +281,35 @@ class SegmentationDataset(Dataset[tuple[Tensor, Tensor, str]], abc.ABC):
                 )
         if problems:
             raise _problems_error(f"{self.display_name} pre-flight scan of {self.root} failed", problems)
-        return ScanReport(self.display_name, self.root, len(self), dict(sizes), self.load_labels)
+        warnings = self._check_label_ids() if self.load_labels else ()
+        return ScanReport(self.display_name, self.root, len(self), dict(sizes), self.load_labels, warnings)
+
+    def _check_label_ids(self) -> tuple[str, ...]:
+        """Decode a few labels: none of whose pixels maps to a class is an error (wrong ids:
+        the run would train on nothing); ids that look like train ids are a warning."""
+        picks = sorted({0, len(self) // 2, len(self) - 1})[:_LABELS_SAMPLED]
+        raw = [self._read_raw_label(self.label_paths[i]) for i in picks]
+        seen = set(np.unique(np.concatenate([r.ravel() for r in raw])).tolist())
+        names = ", ".join(str(self.label_paths[i]) for i in picks)
+        shown = ", ".join(str(v) for v in sorted(seen)[:12]) + (", ..." if len(seen) > 12 else "")
+        train_ids = IGNORE_INDEX in seen and seen <= _TRAIN_ID_VALUES
+        hint = "they look like train ids (0-18, 255 = ignore)"
+        if all((map_ids(r, self.label_table) == IGNORE_INDEX).all() for r in raw):
+            raise DatasetError(
+                f"{self.display_name}: no pixel of the labels {names} maps to a class (ids seen: {shown}"
+                f"{'; ' + hint if train_ids else ''}); expected {self._raw_ids()}"
+            )
+        if train_ids:
+            return (f"{self.display_name}: the labels {names} hold only {shown}: {hint}, but they are read as "
+                    f"{self._raw_ids()}",)
+        return ()
+
+    def _raw_ids(self) -> str:
+        known = [i for i, train_id in enumerate(self.label_table.tolist()) if train_id != IGNORE_INDEX]
+        first, last = known[0], known[-1]
+        table = self.label_table
+        return (f"raw {self.display_name} ids ({first} = {CLASS_NAMES[table[first]]} ... {last} = "
+                f"{CLASS_NAMES[table[last]]}, the rest ignored)")
 
     def _scan_file(
         self, path: Path, deep: bool, problems: list[str], is_label: bool

@@ -293,13 +293,54 @@ def test_unreadable_files(gta5_root: Callable[..., Path], synthia_root: Callable
     assert "00001.png is JPEG, expected PNG" in message
     with pytest.raises(DatasetError, match="cannot read label"):
         GTA5Dataset(root)[0]
-    # A truncated file has a valid header: only the deep scan decodes it.
-    root = synthia_root()
+    # A truncated file has a valid header: only the deep scan decodes it (the plain scan decodes
+    # the first, middle and last labels only: 0, 2 and 4 of 5).
+    root = synthia_root(n=5)
     label = root / "GT" / "LABELS" / "0000001.png"
     label.write_bytes(label.read_bytes()[:60])
     SynthiaDataset(root).preflight()
     with pytest.raises(DatasetError, match=r"cannot read .*0000001\.png"):
         SynthiaDataset(root).preflight(deep=True)
+    label = root / "GT" / "LABELS" / "0000002.png"
+    label.write_bytes(label.read_bytes()[:60])
+    with pytest.raises(DatasetError, match=r"cannot read .*0000002\.png"):
+        SynthiaDataset(root).preflight()
+
+
+def test_labels_of_the_wrong_ids_are_found_by_the_scan(gta5_root: Callable[..., Path]) -> None:
+    root = gta5_root(n=3)
+    labels = sorted((root / "labels").glob("*.png"))
+    for path in labels:  # raw ids that map to no class (0 = unlabelled, 1 = ego vehicle)
+        save(path, split_label(0, 1))
+    with pytest.raises(DatasetError, match=r"no pixel of the labels .* maps to a class \(ids seen: 0, 1\); expected raw GTA5 ids \(7 = road"):
+        GTA5Dataset(root).preflight()
+    for path in labels:  # train ids, as a converted set holds them: 0 road, 255 ignore
+        save(path, split_label(0, 255))
+    with pytest.raises(DatasetError, match=r"\(ids seen: 0, 255; they look like train ids"):
+        GTA5Dataset(root).preflight()
+    for path in labels:  # 11 person (raw 11: building) and 255 ignore
+        save(path, split_label(11, 255))
+    report = GTA5Dataset(root).preflight()
+    assert len(report.warnings) == 1 and "look like train ids" in report.warnings[0]
+    save(labels[1], split_label(7, 26))  # raw ids: road, car
+    assert GTA5Dataset(root).preflight().warnings == ()
+
+
+def test_synthia_palette_labels_are_their_indices_with_either_decoder(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    ids = split_label(3, 8)  # road, car
+    path = save(tmp_path / "label.png", ids, mode="P")
+
+    class ColourDecoder:  # as OpenCV: a palette PNG decodes to its colours
+        IMREAD_UNCHANGED = -1
+
+        @staticmethod
+        def imread(name: str, flags: int) -> np.ndarray:
+            with Image.open(name) as opened:
+                return np.asarray(opened.convert("RGB"))[:, :, ::-1]
+
+    for decoder in (lambda: None, ColourDecoder):
+        monkeypatch.setattr(datasets, "_opencv", decoder)
+        assert np.array_equal(read_synthia_label(path), ids)
 
 
 def test_synthia_label_with_a_corrupt_stream_names_the_file(synthia_root: Callable[..., Path], synthia_decoder: str) -> None:
