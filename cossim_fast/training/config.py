@@ -8,6 +8,7 @@ configs stored in checkpoints go through the same checks.
 from __future__ import annotations
 
 import dataclasses
+import math
 import types
 import typing
 from dataclasses import dataclass, field
@@ -34,9 +35,10 @@ class DomainConfig:
 
 @dataclass
 class SyntheticConfig:
-    """The embedded default data: generated into ``root`` before training when enabled."""
+    """The embedded default data: generated into ``root`` before training when enabled (the
+    shipped ``synthetic`` config turns it on; a config of one's own data need not mention it)."""
 
-    enabled: bool = True
+    enabled: bool = False
     root: str = "data/synthetic"
     seed: int = 0
     num_source: int = 1000
@@ -55,6 +57,7 @@ class DataConfig:
     )
     synthetic: SyntheticConfig = field(default_factory=SyntheticConfig)
     num_workers: int = 0
+    deep_scan: bool = False  # decode every file before training (catches truncated downloads; slow on full sets)
     flip: bool = True
     protocols: list[int] = field(default_factory=lambda: [19])
 
@@ -150,11 +153,11 @@ CHOICES = {
 
 
 def _at_least(low: float) -> tuple[typing.Callable[[Any], bool], str]:
-    return (lambda v: v >= low), f">= {low}"
+    return (lambda v: math.isfinite(v) and v >= low), f">= {low}"
 
 
 def _above(low: float) -> tuple[typing.Callable[[Any], bool], str]:
-    return (lambda v: v > low), f"> {low}"
+    return (lambda v: math.isfinite(v) and v > low), f"> {low}"
 
 
 def _within(low: float, high: float, *, open_low: bool = False, open_high: bool = False) -> tuple[typing.Callable[[Any], bool], str]:
@@ -166,6 +169,7 @@ def _within(low: float, high: float, *, open_low: bool = False, open_high: bool 
 
 _POSITIVE = _at_least(1)
 _IMAGE_SIZE = (lambda v: len(v) == 2 and min(v) >= 1), "[width, height], both >= 1"
+_SYNTHETIC_SIZE = (lambda v: len(v) == 2 and min(v) >= 16), "[width, height], both >= 16 (the generator's scenes)"
 
 #: Ranges beyond the type, checked where the value is read (None, where allowed, passes).
 RULES: dict[str, tuple[typing.Callable[[Any], bool], str]] = {
@@ -176,7 +180,8 @@ RULES: dict[str, tuple[typing.Callable[[Any], bool], str]] = {
         "iterations", "batch_size_source", "batch_size_target", "grad_accum", "ce_bands", "log_every", "eval_every",
         "checkpoint_every", "threads", "check_values_every",
     )},
-    **{f"data.{domain}.size": _IMAGE_SIZE for domain in ("source", "target", "val", "synthetic")},
+    **{f"data.{domain}.size": _IMAGE_SIZE for domain in ("source", "target", "val")},
+    "data.synthetic.size": _SYNTHETIC_SIZE,
     **{f"data.synthetic.{name}": _POSITIVE for name in ("num_source", "num_target_train", "num_target_val")},
     "data.synthetic.style_strength": _within(0, 1),
     "data.num_workers": _at_least(0),
@@ -209,7 +214,10 @@ def _check_value(path: str, annotation: Any, value: Any, default: Any = None) ->
         if value is None and type(None) in options:
             return None
         (annotation,) = [option for option in options if option is not type(None)]
-        origin = typing.get_origin(annotation)
+        try:
+            return _check_value(path, annotation, value, default)
+        except ConfigError as error:
+            raise ConfigError(f"{error} (or null: {_NULL_MEANS.get(path, 'unset')})") from None
     if dataclasses.is_dataclass(annotation):
         return _build(annotation, value, path, default)
     if origin is list:
@@ -231,6 +239,17 @@ def _check_value(path: str, annotation: Any, value: Any, default: Any = None) ->
     if path in CHOICES and value not in CHOICES[path]:
         raise ConfigError(f"{path}: expected one of {CHOICES[path]}, got {value!r}")
     return _check_range(path, value)
+
+
+#: What null means for the optional keys, said when a value for one is refused.
+_NULL_MEANS = {
+    "model.pretrained": "random initialization",
+    "model.freeze_bn": "frozen exactly when pretrained weights are given",
+    "model.init_from": "no starting checkpoint",
+    "cosine.max_per_class": "no per-class limit",
+    "cosine.class_cap": "no cap",
+    "train.threads": "torch's default",
+}
 
 
 def _check_range(path: str, value: Any) -> Any:
@@ -269,17 +288,47 @@ def _merge(base: dict, override: dict) -> dict:
     return merged
 
 
+def _annotation(parts: list[str]) -> Any:
+    """The type of the key ``parts`` names in :class:`Config` (None for an unknown key)."""
+    annotation: Any = Config
+    for part in parts:
+        if not dataclasses.is_dataclass(annotation):
+            return None
+        annotation = typing.get_type_hints(annotation).get(part)
+    return annotation
+
+
+def _parse_value(key: str, raw: str) -> Any:
+    """The text of ``key=raw`` as YAML, except for string keys: a path or name is taken as
+    written (YAML would read ``123`` as a number, a date as a date, and cut ``a #b`` at ``#``)."""
+    annotation = _annotation(key.split("."))
+    text = raw.strip()
+    quoted = len(text) >= 2 and text[0] == text[-1] and text[0] in "'\""
+    if annotation in (str, str | None) and not quoted and not (annotation != str and text in ("null", "~", "")):
+        return text
+    try:
+        return yaml.safe_load(raw)
+    except yaml.YAMLError as error:
+        raise ConfigError(f"override {key}={raw}: the value is not valid YAML ({_first_line(error)})") from None
+
+
+def _first_line(error: Exception) -> str:
+    return str(error).strip().splitlines()[0]
+
+
 def parse_override(text: str) -> dict:
-    """``"cosine.weight=0.05"`` -> ``{"cosine": {"weight": 0.05}}`` (the value parsed as YAML)."""
+    """``"cosine.weight=0.05"`` -> ``{"cosine": {"weight": 0.05}}`` (the value parsed as YAML,
+    or taken as written for a string key)."""
     if "=" not in text:
         raise ConfigError(f"override {text!r}: expected dotted.key=value")
     key, raw = text.split("=", 1)
+    key = key.strip()
     nested: dict = {}
     cursor = nested
-    parts = key.strip().split(".")
+    parts = key.split(".")
     for part in parts[:-1]:
         cursor = cursor.setdefault(part, {})
-    cursor[parts[-1]] = yaml.safe_load(raw)
+    cursor[parts[-1]] = _parse_value(key, raw)
     return nested
 
 
@@ -291,7 +340,12 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
         path = Path(path)
         if not path.is_file():
             raise ConfigError(f"config file {path} does not exist")
-        loaded = yaml.safe_load(path.read_text()) or {}
+        try:
+            loaded = yaml.safe_load(path.read_text()) or {}
+        except yaml.YAMLError as error:
+            mark = getattr(error, "problem_mark", None)
+            where = f" (line {mark.line + 1}, column {mark.column + 1})" if mark is not None else ""
+            raise ConfigError(f"{path}: not valid YAML{where}: {getattr(error, 'problem', None) or _first_line(error)}") from None
         if not isinstance(loaded, dict):
             raise ConfigError(f"{path}: expected a mapping at the top level")
         values = _merge(values, loaded)
@@ -310,7 +364,7 @@ def config_from_dict(values: dict) -> Config:
 #: out of memory) is not reported as a change of the experiment.
 NON_RESULT_KEYS = frozenset({
     "output_dir", "train.log_every", "train.eval_every", "train.checkpoint_every", "train.check_values_every",
-    "train.threads", "data.num_workers", "model.activation_checkpointing", "cosine.backend", "train.ce_bands",
+    "train.threads", "data.num_workers", "data.deep_scan", "model.activation_checkpointing", "cosine.backend", "train.ce_bands",
 })
 
 

@@ -49,7 +49,8 @@ def brief(row: dict[str, Any]) -> str:
         parts.append(f"ent {row['loss_ent']:.3f}")
     if "pseudo_share" in row:
         top = int(np.argmax(row["pseudo_share"]))
-        parts.append(f"top PL {CLASS_NAMES[top]} {row['pseudo_share'][top]:.0%}")
+        share = row["pseudo_share"][top]
+        parts.append(f"top PL {CLASS_NAMES[top]} {share:.0%}" if share > 0 else "no PL kept")
     parts.append(f"{row['peak_mib']:.0f} MiB")
     return ", ".join(parts)
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import math
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -19,7 +20,15 @@ from cossim_fast.data import DATASETS, IGNORE_INDEX, NUM_CLASSES, DatasetError, 
 from cossim_fast.evaluation import ConfusionMatrix
 from cossim_fast.models import build_model
 from cossim_fast.training import checkpoint, distributed, memory, reporting
-from cossim_fast.training.config import Config, DomainConfig, check_resumable, config_changes, save_config, to_dict
+from cossim_fast.training.config import (
+    Config,
+    ConfigError,
+    DomainConfig,
+    check_resumable,
+    config_changes,
+    save_config,
+    to_dict,
+)
 from cossim_fast.training.source_loss import upsampled_cross_entropy
 from cossim_fast.training.streams import CachedDataset, batch_stream
 from cossim_fast.training.target_losses import class_shares, downsample_labels, entropy_loss, pseudo_labels
@@ -28,10 +37,11 @@ CHECKPOINT_DIR = "checkpoints"
 
 
 def make_dataset(domain: DomainConfig, key: str, *, labels: bool, full_resolution_labels: bool = False,
-                 warn: bool = True):
-    """A dataset of the configured layout, checked before training starts (pre-flight); its
-    errors name the config ``key`` (e.g. ``data.source``) whose root or kind to change.
-    ``warn=False`` keeps its warnings quiet (DDP ranks other than the first)."""
+                 warn: bool = True, deep_scan: bool = False):
+    """A dataset of the configured layout, checked before training starts (pre-flight, decoding
+    every file with ``deep_scan``); its errors name the config ``key`` (e.g. ``data.source``)
+    whose root or kind to change. ``warn=False`` keeps its warnings quiet (DDP ranks other than
+    the first)."""
     kind = DATASETS[domain.kind]
     options: dict[str, Any] = dict(load_labels=labels, resize=tuple(domain.size), resize_label=not full_resolution_labels)
     if domain.kind == "cityscapes":
@@ -41,10 +51,47 @@ def make_dataset(domain: DomainConfig, key: str, *, labels: bool, full_resolutio
               f"{key}.root is read")
     try:
         dataset = kind(domain.root, **options)
-        dataset.preflight()
+        report = dataset.preflight(deep=deep_scan)
     except DatasetError as error:
         raise DatasetError(f"{key} ({key}.kind={domain.kind}, {key}.root={domain.root}): {error}") from error
+    for warning in report.warnings if warn else ():
+        print(f"warning: {key}: {warning}")
     return dataset
+
+
+def check_paths(config: Config, resume_from: Path | None) -> None:
+    """The files and folders a run reads or writes, checked before any data is generated or
+    scanned (a typo in a path then costs seconds, not a scan of the data set)."""
+    if Path(config.output_dir).exists() and not Path(config.output_dir).is_dir():
+        raise ConfigError(f"output_dir: {config.output_dir} exists and is not a folder")
+    synthetic = config.data.synthetic
+    if synthetic.enabled and Path(synthetic.root).exists() and not Path(synthetic.root).is_dir():
+        raise ConfigError(f"data.synthetic.root: {synthetic.root} exists and is not a folder")
+    for key, value in (("model.pretrained", config.model.pretrained), ("model.init_from", config.model.init_from)):
+        if value is not None and not Path(value).is_file():
+            raise ConfigError(f"{key}: {value} is not a file")
+    if resume_from is not None and not resume_from.is_file():
+        raise FileNotFoundError(f"checkpoint {resume_from} does not exist")
+
+
+class TrainingDivergedError(RuntimeError):
+    """A logged loss is not finite: the weights are no longer usable."""
+
+
+def check_finite(row: dict[str, Any], config: Config) -> None:
+    """Stop a run whose logged losses are NaN or infinite (a NaN gradient has reached the
+    weights, or will); fp16 loss scaling skips such steps by itself, so there it is a warning."""
+    bad = [name for name in ("loss_ce", "loss_cos", "loss_ent") if name in row and not math.isfinite(row[name])]
+    if not bad:
+        return
+    what = f"{', '.join(f'{name} = {row[name]}' for name in bad)} in the steps logged at iteration {row['iteration']}"
+    if config.train.amp == "fp16":
+        print(f"warning: {what} (fp16 loss scaling skips those steps)")
+        return
+    raise TrainingDivergedError(
+        f"{what}: training diverged. Check the labels (data.*.root, raw ids) and the learning rate (optim.lr); "
+        "the last checkpoint holds the weights from before"
+    )
 
 
 def loss_weight(config: Config, iteration: int) -> float:
@@ -109,16 +156,17 @@ class Trainer:
             torch.set_num_threads(config.train.threads)
         torch.manual_seed(config.seed)
 
+        resume_from = self._resume_path(resume)
+        check_paths(config, resume_from)
         if config.data.synthetic.enabled:
             self._generate_synthetic_data()
-        warn = self.context.is_main
-        self.source = make_dataset(config.data.source, "data.source", labels=True, warn=warn)
-        self.target = make_dataset(config.data.target, "data.target", labels=False, warn=warn)
-        self.val = make_dataset(config.data.val, "data.val", labels=True, full_resolution_labels=True, warn=warn)
+        scan = dict(warn=self.context.is_main, deep_scan=config.data.deep_scan)
+        self.source = make_dataset(config.data.source, "data.source", labels=True, **scan)
+        self.target = make_dataset(config.data.target, "data.target", labels=False, **scan)
+        self.val = make_dataset(config.data.val, "data.val", labels=True, full_resolution_labels=True, **scan)
         if config.data.num_workers == 0:
             self.source, self.target = CachedDataset(self.source), CachedDataset(self.target)
 
-        resume_from = self._resume_path(resume)
         model = build_model(
             config.model.name, NUM_CLASSES, pretrained=config.model.pretrained,
             feature_point=config.model.feature_point, freeze_bn=config.model.freeze_bn,
@@ -145,7 +193,7 @@ class Trainer:
         self.history: list[dict[str, Any]] = []
         self.stats = StepStats()  # summed since the last logged row
         self._resume(resume_from)
-        if self.context.is_main:
+        if self.context.is_main and self.iteration < config.train.iterations:  # a finished run keeps the config it ran with
             self.run_dir.mkdir(parents=True, exist_ok=True)
             save_config(config, self.run_dir / "config.yaml")
 
@@ -354,6 +402,7 @@ class Trainer:
                        "it_per_s": (self.iteration - window_first) / elapsed,
                        "peak_mib": memory.peak_memory_mib(self.device)}
                 self._log(row, bar)
+                check_finite(row, config)
                 window_start, window_first, paused = time.perf_counter(), self.iteration, 0.0
             pause_start = time.perf_counter()
             if self.iteration % config.train.eval_every == 0 or done:

@@ -40,6 +40,11 @@ def test_shipped_configs_load(name):
         ("model:\n  name: deeplabv2_resnet1O1\n", r"model.name: expected one of \('deeplabv2_resnet18'"),
         ("seed: 100000000000000\n", r"seed: expected in \[0, 4294967295\]"),
         ("optim:\n  lr: fast\n", "optim.lr: expected float, got str 'fast'"),
+        ("optim:\n  lr: .inf\n", "optim.lr: expected > 0, got inf"),
+        ("cosine:\n  weight: .inf\n", "cosine.weight: expected >= 0, got inf"),
+        ("data:\n  synthetic:\n    size: [8, 8]\n", r"data.synthetic.size: expected \[width, height\], both >= 16"),
+        ("cosine:\n  class_cap: none\n", r"cosine.class_cap: expected float, got str 'none' \(or null: no cap\)"),
+        ("train: {iterations: 2\n", r"config.yaml: not valid YAML \(line 2, column 1\): expected ',' or '}'"),
     ],
 )
 def test_bad_config_files_name_the_key(tmp_path, text, match):
@@ -47,6 +52,22 @@ def test_bad_config_files_name_the_key(tmp_path, text, match):
     path.write_text(text)
     with pytest.raises(ConfigError, match=match):
         load_config(path)
+
+
+def test_overrides_of_string_keys_are_taken_as_written():
+    # YAML would read these as a number, a date, and a path cut at its " #".
+    for value in ("123", "2024-05-01", "runs/a #2", " runs/b "):
+        assert load_config(None, [f"output_dir={value}"]).output_dir == value.strip()
+    assert load_config(None, ["model.pretrained='a b.pth'"]).model.pretrained == "a b.pth"  # quoted: YAML
+    for null in ("null", "~", ""):  # an optional path's null stays null
+        assert load_config(None, [f"model.pretrained={null}"]).model.pretrained is None
+    with pytest.raises(ConfigError, match=r"override cosine.weight=\[1: the value is not valid YAML"):
+        load_config(None, ["cosine.weight=[1"])
+
+
+def test_synthetic_data_is_generated_only_when_a_config_asks():
+    assert not load_config(None).data.synthetic.enabled  # a config of one's own data need not mention it
+    assert load_config(configs.resolve("synthetic")).data.synthetic.enabled
 
 
 def test_configs_from_checkpoints_are_checked_too():

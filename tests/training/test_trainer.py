@@ -3,6 +3,7 @@
 import json
 import os
 import stat
+from pathlib import Path
 
 import pytest
 import torch
@@ -300,3 +301,39 @@ def test_without_a_terminal_progress_is_a_line_per_log_step(tiny_config, capsys)
     lines = [line for line in out.splitlines() if line.startswith("iteration ")]
     assert [line.split(":")[0] for line in lines] == ["iteration 2/4", "iteration 4/4"], out
     assert "it/s" in lines[0] and "\r" not in err and "\x1b[" not in err
+
+
+def test_a_finished_run_keeps_the_config_it_ran_with(tiny_config, capsys):
+    config = tiny_config("train.iterations=2", "train.eval_every=2")
+    Trainer(config, progress=False).train()
+    saved = (Path(config.output_dir) / "config.yaml").read_text()
+    Trainer(tiny_config("train.iterations=2", "train.eval_every=2", "cosine.weight=0.5"), progress=False).train()
+    assert "has finished" in capsys.readouterr().out
+    assert (Path(config.output_dir) / "config.yaml").read_text() == saved
+
+
+def test_paths_are_checked_before_any_data_is_generated(tiny_config, tmp_path):
+    synthetic = tmp_path / "synthetic"
+    config = tiny_config("data.synthetic.enabled=true", f"data.synthetic.root={synthetic}")
+    with pytest.raises(FileNotFoundError, match="checkpoint .*missing.pt does not exist"):
+        Trainer(config, resume=str(tmp_path / "missing.pt"), progress=False)
+    with pytest.raises(ConfigError, match=r"model.init_from: .*nothing.pt is not a file"):
+        Trainer(tiny_config("data.synthetic.enabled=true", f"data.synthetic.root={synthetic}",
+                            f"model.init_from={tmp_path / 'nothing.pt'}"), progress=False)
+    assert not synthetic.exists()
+    (tmp_path / "a_file").write_text("")
+    with pytest.raises(ConfigError, match=r"output_dir: .*a_file exists and is not a folder"):
+        Trainer(tiny_config(output="a_file"), progress=False)
+
+
+def test_a_run_whose_loss_is_not_finite_stops_with_a_clear_error(tiny_config, monkeypatch, capsys):
+    loss = trainer_module.upsampled_cross_entropy
+    monkeypatch.setattr(trainer_module, "upsampled_cross_entropy", lambda *a, **k: loss(*a, **k) * float("nan"))
+    trainer = Trainer(tiny_config(), progress=False)
+    with pytest.raises(trainer_module.TrainingDivergedError, match="loss_ce = nan in the steps logged at iteration 2: training diverged"):
+        trainer.train()
+    assert trainer.iteration == 2
+    row = {"iteration": 4, "loss_ce": float("inf")}
+    trainer_module.check_finite(row, tiny_config("train.amp=fp16"))  # the scaler skips such steps
+    assert "warning: loss_ce = inf in the steps logged at iteration 4 (fp16 loss scaling" in capsys.readouterr().out
+    trainer_module.check_finite({"iteration": 4, "loss_ce": 1.0}, tiny_config())
