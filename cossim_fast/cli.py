@@ -3,7 +3,32 @@
 from __future__ import annotations
 
 import argparse
+import functools
+import re
 import sys
+from collections.abc import Callable
+
+#: How torch re-raises an error of a DataLoader worker (or its pin-memory thread): the worker's
+#: whole formatted traceback as the message of a new error of the same class.
+_WORKER_HEADER = re.compile(r"Caught \w+ in [^\n]+\.\nOriginal Traceback \(most recent call last\):\n")
+
+
+def error_message(error: BaseException) -> str:
+    """``str(error)``, but for an error re-raised from a DataLoader worker only the original
+    error's message (the end of the worker's traceback, without the class name), not three
+    tracebacks (the library's cause, the library's error, the loader's frames)."""
+    text = str(error)
+    if not _WORKER_HEADER.match(text):
+        return text
+    kind = type(error)  # the worker's error class: torch re-raises with the same one
+    name = kind.__qualname__ if kind.__module__ in ("builtins", "__main__") else f"{kind.__module__}.{kind.__qualname__}"
+    # The last "module.Class: " line starts the message (which may run over several lines);
+    # earlier ones belong to the chained causes.
+    _, found, message = text.rpartition(f"\n{name}: ")
+    if found:
+        return message.strip()
+    last = text.strip().splitlines()[-1]  # a format we do not know: at least no traceback
+    return last.split(": ", 1)[-1]
 
 
 def _config(args: argparse.Namespace):
@@ -96,25 +121,29 @@ def main(argv: list[str] | None = None) -> int:
     command.set_defaults(run=evaluate)
 
     argv = list(sys.argv[1:] if argv is None else argv)
+    run: Callable[[], int]
     if argv and argv[0] in ("demo", "op-demo"):  # these parse their own options
         if argv[0] == "demo":
             from cossim_fast.training import demo as module
         else:
             from cossim_fast import op_demo as module
-        return module.main(argv[1:])
-    args = parser.parse_args(argv)
+        name, run = argv[0], functools.partial(module.main, argv[1:])
+    else:
+        args = parser.parse_args(argv)
+        name, run = args.command, functools.partial(args.run, args)
     from cossim_fast.data import DatasetError
     from cossim_fast.models import WeightsError
-    from cossim_fast.training import CheckpointError, ConfigError, TrainingOutOfMemoryError
+    from cossim_fast.training import CheckpointError, ConfigError, TrainingDivergedError, TrainingOutOfMemoryError
+    from cossim_fast.training.demo import DemoRunError
 
     try:
-        return args.run(args)
+        return run()
     except (ConfigError, DatasetError, CheckpointError, WeightsError, FileNotFoundError) as error:
         # Input mistakes get one clear line, not a traceback.
-        print(f"cossim-fast {args.command}: error: {error}", file=sys.stderr)
+        print(f"cossim-fast {name}: error: {error_message(error)}", file=sys.stderr)
         return 2
-    except TrainingOutOfMemoryError as error:
-        print(f"cossim-fast {args.command}: error: {error}", file=sys.stderr)  # the levers, not a traceback
+    except (TrainingOutOfMemoryError, TrainingDivergedError, DemoRunError) as error:
+        print(f"cossim-fast {name}: error: {error_message(error)}", file=sys.stderr)  # what to change, not a traceback
         return 3
 
 

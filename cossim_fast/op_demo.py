@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import resource
 import subprocess
 import sys
@@ -25,6 +26,36 @@ def _peak_mib(device: torch.device) -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
+def map_side(rows: int, batch: int) -> int:
+    """H = W of the B x C x H x W map closest to ``rows`` rows (so B * H * W may differ from it)."""
+    return int(round((rows / batch) ** 0.5))
+
+
+def _check_options(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
+    """Refuse bad options before any work, as argparse does (not as tracebacks of every child)."""
+    for option in ("batch", "classes", "slots", "dim"):
+        if getattr(args, option) < 1:
+            parser.error(f"argument --{option}: expected a positive integer, got {getattr(args, option)}")
+    if args.rows < args.batch:  # fewer could round to an empty map
+        parser.error(f"argument --rows: expected at least one row per image (--batch {args.batch}), got {args.rows}")
+    if math.isnan(args.threshold):
+        parser.error("argument --threshold: expected a cosine similarity, e.g. 0.1, got nan")
+    if not 0 <= args.seed < 2**64:  # what torch.Generator.manual_seed takes
+        parser.error(f"argument --seed: expected an integer in [0, 2**64), got {args.seed}")
+    try:
+        device = torch.device(args.device)
+    except RuntimeError:
+        parser.error(f"argument --device: expected cpu, cuda or cuda:INDEX, got {args.device!r}")
+    if device.type not in ("cpu", "cuda"):
+        parser.error(f"argument --device: expected cpu, cuda or cuda:INDEX, got {args.device!r}")
+    if device.type == "cuda":
+        count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        if count == 0:
+            parser.error(f"argument --device: {args.device} is not available (torch sees no CUDA GPU); use --device cpu")
+        if device.index is not None and device.index >= count:
+            parser.error(f"argument --device: {args.device} is not available (torch sees {count} CUDA GPU(s))")
+
+
 def run_backend(backend: str, args: argparse.Namespace) -> dict:
     """One backend, in this process: loss + backward on the demo problem, timed and measured."""
     device = torch.device(args.device)
@@ -33,7 +64,7 @@ def run_backend(backend: str, args: argparse.Namespace) -> dict:
     source = torch.randn(args.classes * args.slots, args.dim, generator=generator).to(device)
     source_labels = torch.arange(args.classes).repeat_interleave(args.slots).to(device)
     dictionary.update(source, source_labels)
-    height = width = int(round((args.rows / args.batch) ** 0.5))
+    height = width = map_side(args.rows, args.batch)
     features = torch.randn(args.batch, args.dim, height, width, generator=generator).to(device).requires_grad_(True)
     labels = torch.randint(0, args.classes, (args.batch, height, width), generator=generator).to(device)
     loss_fn = cossim_fast.CosineSimilarityLoss(args.threshold, mode=args.mode, backend=backend, dictionary=dictionary)
@@ -63,7 +94,7 @@ def run_backend(backend: str, args: argparse.Namespace) -> dict:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="cossim-fast op-demo", description=__doc__.splitlines()[0],
                                      formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    parser.add_argument("--rows", type=int, default=8192, help="target rows N (a B x C x H x W map, H = W)")
+    parser.add_argument("--rows", type=int, default=8192, help="target rows N (B maps of C x H x W, H = W: rounded to the nearest such N)")
     parser.add_argument("--batch", type=int, default=2, help="images B of the map")
     parser.add_argument("--classes", type=int, default=19, help="classes K")
     parser.add_argument("--slots", type=int, default=1024, help="dictionary slots per class M")
@@ -74,13 +105,17 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seed", type=int, default=0, help="seed of the random inputs")
     parser.add_argument("--backend", help=argparse.SUPPRESS)  # internal: run one backend, print JSON
     args = parser.parse_args(argv)
+    _check_options(parser, args)
     if args.backend:
         print(json.dumps(run_backend(args.backend, args)))
         return 0
 
     print(f"cossim_fast {cossim_fast.__version__}, torch {torch.__version__}, device {args.device}")
     print(f"compiled extension: {cossim_fast.extension_status()}")
-    print(f"problem: N={args.rows} rows, K={args.classes}, M={args.slots}, C={args.dim}, mode={args.mode}, tau={args.threshold}")
+    side = map_side(args.rows, args.batch)
+    rows = args.batch * side * side  # the rows used: the square maps round --rows
+    rounded = "" if rows == args.rows else f" (--rows {args.rows} rounded to {args.batch} maps of {side} x {side})"
+    print(f"problem: N={rows} rows{rounded}, K={args.classes}, M={args.slots}, C={args.dim}, mode={args.mode}, tau={args.threshold}")
     results = []
     for backend in cossim_fast.available_backends(args.device):
         child = [sys.executable, "-m", "cossim_fast.op_demo", *(argv if argv is not None else sys.argv[1:]), "--backend", backend]
@@ -89,6 +124,9 @@ def main(argv: list[str] | None = None) -> int:
             print(f"  {backend}: failed\n{done.stderr.strip()}")
             continue
         results.append(json.loads(done.stdout.strip().splitlines()[-1]))
+    if not results:
+        print("cossim-fast op-demo: error: every backend failed (their errors are above)", file=sys.stderr)
+        return 1
     reference = next((r for r in results if r["backend"] == "reference"), results[0])
     print(f"\n{'backend':<10} {'loss':>10} {'selected':>9} {'time ms':>10} {'extra MiB':>10} {'memory vs reference':>20}")
     for r in results:

@@ -28,6 +28,9 @@ VARIANTS = {
     "cosine+minent": ["cosine.mode=max", "entropy.weight=0.1"],
 }
 DEMO_VARIANTS = ["source-only", "cosine-max"]
+#: Config keys the demo sets for each run itself, with the demo option that controls each:
+#: a --set of one would be silently overridden.
+DEMO_KEYS = {"seed": "--seeds", "output_dir": "--output", "train.threads": "--jobs (runs at once, one thread each)"}
 
 
 def run_one(config_name: str, overrides: list[str], source_val: str) -> dict:
@@ -55,6 +58,10 @@ def run_one(config_name: str, overrides: list[str], source_val: str) -> dict:
     }
 
 
+class DemoRunError(RuntimeError):
+    """One of the demo's runs failed; its log says why."""
+
+
 def _launch(job: dict, log_dir: Path) -> dict:
     command = [sys.executable, "-m", "cossim_fast.training.demo", "--child", json.dumps(job)]
     env = dict(os.environ, OMP_NUM_THREADS="1")
@@ -62,7 +69,8 @@ def _launch(job: dict, log_dir: Path) -> dict:
     with open(log, "w") as stream:
         done = subprocess.run(command, stdout=subprocess.PIPE, stderr=stream, text=True, env=env)
     if done.returncode != 0:
-        raise RuntimeError(f"run {job['variant']} seed {job['seed']} failed, see {log}")
+        tail = log.read_text().strip().splitlines()[-1:] if log.is_file() else []
+        raise DemoRunError(f"run {job['variant']} seed {job['seed']} failed ({tail[0] if tail else 'no output'}); see {log}")
     return {**job, **json.loads(done.stdout.strip().splitlines()[-1])}
 
 
@@ -87,6 +95,49 @@ def _table(results: list[dict], variants: list[str]) -> str:
     return "\n".join(lines)
 
 
+def _override_keys(override: str) -> list[str]:
+    """The dotted config keys a ``--set`` value writes, enclosing ones too (``train={threads: 1}``
+    writes ``train`` and ``train.threads``)."""
+    from cossim_fast.training.config import parse_override
+
+    def walk(values: dict, prefix: str) -> list[str]:
+        keys = []
+        for key, value in values.items():
+            keys.append(f"{prefix}{key}")
+            if isinstance(value, dict):
+                keys += walk(value, f"{prefix}{key}.")
+        return keys
+
+    return walk(parse_override(override), "")
+
+
+def _check_options(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
+    """Refuse bad options up front: before the data is generated and the runs start."""
+    from cossim_fast.training import ConfigError, load_config
+
+    if args.iterations is not None and args.iterations < 1:
+        parser.error(f"argument --iterations: expected a positive number of iterations, got {args.iterations}")
+    if args.jobs < 1:
+        parser.error(f"argument --jobs: expected at least 1 run at once, got {args.jobs}")
+    for seed in args.seeds:
+        try:  # the config's own range check
+            load_config(None, [f"seed={seed}"])
+        except ConfigError as error:
+            parser.error(f"argument --seeds: {error}")
+    # Repeats would train into the same run folder and log, and count twice in the means.
+    for option, values in (("--seeds", args.seeds), ("--variants", args.variants)):
+        repeated = sorted({str(v) for v in values if values.count(v) > 1})
+        if repeated:
+            parser.error(f"argument {option}: expected distinct values, got {', '.join(repeated)} more than once")
+    for override in args.set:
+        for key in _override_keys(override):
+            if key in DEMO_KEYS:
+                parser.error(f"argument --set {override}: the demo sets {key} for each run; use {DEMO_KEYS[key]}")
+    output = Path(args.output)
+    if any(folder.exists() and not folder.is_dir() for folder in (output, *output.parents)):
+        parser.error(f"argument --output: expected a folder, but {args.output} is (or is inside) a file")
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="cossim-fast demo", description=__doc__.splitlines()[0])
     parser.add_argument("--config", default="synthetic", help="base config, a shipped name or a YAML file (default: synthetic)")
@@ -95,7 +146,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--iterations", type=int, help="override train.iterations (default: the config's)")
     parser.add_argument("--output", default="runs/demo", help="folder of the runs, the results table and plots (default: %(default)s)")
     parser.add_argument("--jobs", type=int, default=os.cpu_count() or 1, help="runs at once, one thread each (default: %(default)s, the CPU count)")
-    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override for every run, e.g. cosine.weight=0.05")
+    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                        help="override for every run, e.g. cosine.weight=0.05 (not seed, output_dir, train.threads: see --seeds, --output, --jobs)")
     parser.add_argument("--child", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.child:
@@ -107,7 +159,10 @@ def main(argv: list[str] | None = None) -> int:
     from cossim_fast.data import generate_synthetic_uda
     from cossim_fast.training import load_config
 
-    base = load_config(configs.resolve(args.config), args.set)
+    _check_options(parser, args)
+    iterations = [] if args.iterations is None else [f"train.iterations={args.iterations}"]
+    common = [*args.set, *iterations]
+    base = load_config(configs.resolve(args.config), common)  # a ConfigError now, not in every run
     synthetic = base.data.synthetic
     print(f"generating the synthetic data under {synthetic.root} (skipped if present) ...", flush=True)
     paths = generate_synthetic_uda(
@@ -116,7 +171,6 @@ def main(argv: list[str] | None = None) -> int:
     )
     output = Path(args.output)
     (output / "logs").mkdir(parents=True, exist_ok=True)
-    common = list(args.set) + ([f"train.iterations={args.iterations}"] if args.iterations else [])
     jobs = [
         {"variant": variant, "seed": seed, "config": args.config, "source_val": str(paths["source_val"]),
          "overrides": [*common, *VARIANTS[variant], f"seed={seed}", "train.threads=1", f"output_dir={output / f'{variant}_seed{seed}'}"]}
