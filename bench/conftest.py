@@ -3,6 +3,10 @@
 Options (each also settable by environment variable, see ``bench/README.md``):
 ``--bench-grid cpu|gpu|full``, ``--bench-device cpu|cuda``, ``--bench-ops``, ``--bench-impls``,
 ``--bench-check-values``, ``--bench-no-memory``.
+
+``--benchmark-json`` files also get bench.run's ``skipped`` (``{"case", "reason"}``) and
+``errors`` (``{"case", "error"}``) lists, which pytest-benchmark leaves out, so that
+``bench.report`` and ``bench.targets`` can say why a case has no result.
 """
 
 from __future__ import annotations
@@ -32,6 +36,26 @@ def pytest_addoption(parser):
     group.addoption("--bench-no-memory", action="store_true", help="do not measure peak memory (faster)")
 
 
+#: The cases of this session without a result: {"skipped": [...], "errors": [...]}.
+_UNMEASURED = pytest.StashKey[dict]()
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_makereport(item, call):
+    outcome = yield
+    report = outcome.get_result()
+    case = getattr(item, "callspec", None) and item.callspec.params.get("bench_case")
+    if not isinstance(case, harness.Case) or not (report.skipped or report.failed):
+        return
+    unmeasured = item.config.stash.setdefault(_UNMEASURED, {"skipped": [], "errors": []})
+    if report.skipped:
+        reason = report.longrepr[2] if isinstance(report.longrepr, tuple) else str(report.longrepr)
+        unmeasured["skipped"].append({"case": case.id, "reason": reason.removeprefix("Skipped: ")})
+    elif call.excinfo is not None:
+        error = f"{call.excinfo.typename}: {call.excinfo.value}"
+        unmeasured["errors"].append({"case": case.id, "error": error[:2000], "traceback": report.longreprtext[-3000:]})
+
+
 def _split(value: str | None) -> tuple[str, ...] | None:
     return tuple(v.strip() for v in value.split(",") if v.strip()) if value else None
 
@@ -59,3 +83,6 @@ if importlib.util.find_spec("pytest_benchmark") is not None:
 
     def pytest_benchmark_update_machine_info(config, machine_info):
         machine_info["cossim_fast_bench"] = harness.machine()
+
+    def pytest_benchmark_update_json(config, benchmarks, output_json):
+        output_json.update(config.stash.get(_UNMEASURED, {"skipped": [], "errors": []}))

@@ -23,6 +23,11 @@ Search: from ``--start-n``, halve until a probe fits, then extrapolate linearly 
 measured peaks (peak ~ a + b*N for every implementation) and bracket the frontier until the
 largest fitting and smallest failing N are within ``--tol``. A probe that is certain to fail
 (its lower bound, e.g. the reference's ``N*K*M*4`` bytes, exceeds the budget) is not run.
+
+The search asks for multiples of ``--round-to``; a step may run a nearby N (``rows_run``: the
+train step's images are whole 2:1 feature maps, ``B x h x 2h`` pixels). Every N printed or
+written (``largest_n``, ``smallest_failing_n``, each probe's ``N``) is the N that ran; a probe
+whose asked-for N differs records it as ``requested_n``.
 """
 
 from __future__ import annotations
@@ -66,6 +71,10 @@ class LossStep:
 
         self.spec = spec
         self.dtype = harness.DTYPES[spec.dtype]
+
+    def rows_run(self, rows: int) -> int:
+        """The N the step runs when asked for ``rows``: that many target rows."""
+        return rows
 
     def lower_bound_bytes(self, rows: int) -> int:
         """Bytes the step cannot do without: features, gradient, dictionary, and the matrices
@@ -121,6 +130,12 @@ class TrainStep:
         height = max(2, round(math.sqrt(rows / self.spec.batch / 2)))
         return height, 2 * height
 
+    def rows_run(self, rows: int) -> int:
+        """The feature pixels of the images built for ``rows``: whole ``h x 2h`` maps, so N rounds
+        to ``B * 2h^2`` (4,864 asked for runs 784x392 images: 4,802 pixels)."""
+        height, width = self.feature_size(rows)
+        return self.spec.batch * height * width
+
     def images(self, rows: int) -> str:
         height, width = self.feature_size(rows)
         return f"{self.spec.batch} x {8 * width}x{8 * height}"
@@ -129,7 +144,7 @@ class TrainStep:
         spec = self.spec
         needed = spec.K * spec.M * spec.C * 4
         if spec.impl == "reference":
-            needed += rows * spec.K * spec.M * 4
+            needed += self.rows_run(rows) * spec.K * spec.M * 4
         return needed
 
     def build(self, rows: int):
@@ -148,6 +163,7 @@ class TrainStep:
         dictionary.counts.fill_(spec.M)
         del full
         height, width = self.feature_size(rows)
+        expected_rows = self.rows_run(rows)
         source = torch.randn(spec.batch, 3, 8 * height, 8 * width, device=device)
         target = torch.randn(spec.batch, 3, 8 * height, 8 * width, device=device)
         labels = torch.randint(0, spec.K, (spec.batch, 8 * height, 8 * width), device=device)
@@ -160,6 +176,12 @@ class TrainStep:
             dictionary.update(out.features.detach().float(), downsample_labels(labels, out.features.shape[-2:]), max_per_class=64)
             with autocast:
                 out_t = model(target)
+                got = out_t.features.shape[0] * out_t.features.shape[-2] * out_t.features.shape[-1]
+                if got != expected_rows:  # the N recorded must be the N the loss saw
+                    raise RuntimeError(
+                        f"model {spec.model}'s target features hold {got} pixels, not the N = {expected_rows} the "
+                        f"frontier records for {spec.batch} x {8 * width}x{8 * height} images (is its output stride 8?)"
+                    )
                 pseudo = pseudo_labels(out_t.logits, 0.0, None)
                 if spec.impl == "per_class":
                     rows_t = out_t.features.permute(0, 2, 3, 1).reshape(-1, out_t.features.shape[1])
@@ -231,6 +253,7 @@ class CpuMeasurer:
         from bench import memprobe
 
         self.spec, self.budget, self.timeout = spec, budget, probe_timeout
+        self.rows_run = make_step(spec).rows_run
         self.probe = memprobe.shared_probe()
 
     def __call__(self, rows: int) -> dict:
@@ -245,7 +268,7 @@ class CpuMeasurer:
         if not reply.get("ok"):
             error = reply.get("error", "unknown error")
             if not reply.get("timeout") and not _memory_failure(error):
-                raise RuntimeError(f"the probe at N={rows} failed, not for memory: {error}")
+                raise RuntimeError(f"the probe at N={self.rows_run(rows)} failed, not for memory: {error}")
             return {"fits": False, "peak_bytes": None, "timeout": bool(reply.get("timeout")), "error": error}
         return {"fits": reply["peak_bytes"] <= self.budget, "peak_bytes": reply["peak_bytes"], "seconds": reply["seconds"]}
 
@@ -294,6 +317,8 @@ class CudaMeasurer:
 
 @dataclass
 class Frontier:
+    """One search's outcome; every N is one the step ran (``rows_run``), not the one asked for."""
+
     spec: StepSpec
     budget_bytes: int
     largest_n: int | None = None
@@ -311,20 +336,23 @@ def search(
     spec: StepSpec, measure, budget: int, *, start_n: int, step: int, tol: float, max_n: int, deadline: float, lower_bound=None
 ) -> Frontier:
     """Largest fitting N for ``measure(N) -> {"fits", "peak_bytes", ...}`` (``lower_bound(N)``:
-    bytes the step needs for sure; default the step's own)."""
+    bytes the step needs for sure; default the step's own). The search asks for multiples of
+    ``step``; the result and the probes hold the N the step ran for each (``rows_run``)."""
     result = Frontier(spec, budget)
     bound = lower_bound or make_step(spec).lower_bound_bytes
+    rows_run = make_step(spec).rows_run
     fitting: list[tuple[int, int]] = []  # (N, peak) of probes that fit
     low, high = None, None
 
     def probe(rows: int) -> bool:
         nonlocal low, high
+        ran = {"N": rows_run(rows)} | ({"requested_n": rows} if rows_run(rows) != rows else {})
         if bound(rows) > budget:
-            result.probes.append({"N": rows, "fits": False, "skipped": "lower bound over budget", "lower_bound_bytes": bound(rows)})
+            result.probes.append(ran | {"fits": False, "skipped": "lower bound over budget", "lower_bound_bytes": bound(rows)})
             high = rows if high is None else min(high, rows)
             return False
         outcome = measure(rows)
-        result.probes.append({"N": rows, **outcome})
+        result.probes.append(ran | outcome)
         if outcome["fits"]:
             low = rows if low is None else max(low, rows)
             fitting.append((rows, outcome["peak_bytes"]))
@@ -332,7 +360,7 @@ def search(
                 result.peak_bytes = outcome["peak_bytes"]
             return True
         if outcome.get("timeout"):
-            result.note = f"a probe at N={rows} ran past the probe timeout: the frontier is at least the N shown"
+            result.note = f"a probe at N={rows_run(rows)} ran past the probe timeout: the frontier is at least the N shown"
             raise TimeoutError
         high = rows if high is None else min(high, rows)
         return False
@@ -341,8 +369,8 @@ def search(
         rows = _round(start_n, step)
         while not probe(rows):
             if rows <= step:
-                result.note = f"does not fit even at N={step}"
-                result.smallest_failing_n = step
+                result.note = f"does not fit even at N={rows_run(step)}"
+                result.smallest_failing_n = rows_run(step)
                 return result
             rows = _round(rows // 2, step)
         while True:
@@ -376,8 +404,8 @@ def search(
             probe(candidate)
     except TimeoutError:
         pass
-    result.largest_n = low
-    result.smallest_failing_n = high
+    result.largest_n = None if low is None else rows_run(low)
+    result.smallest_failing_n = None if high is None else rows_run(high)
     return result
 
 

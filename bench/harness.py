@@ -437,6 +437,12 @@ def cuda_peak(case: Case) -> dict:
     return {"peak_mib": peak / 2**20, "peak_method": "torch.cuda.max_memory_allocated after reset, minus allocated before"}
 
 
+def peak_request(case: Case) -> dict:
+    """The memory probe's request for a CPU case, with this process's value-check setting: the
+    child is a fresh process, and its peak must be measured as the timed calls run."""
+    return {"kind": "case", "case": case.to_dict(), "check_values": inputs.value_checks_enabled()}
+
+
 def measure_peak(case: Case, probe=None) -> dict:
     """``{"peak_mib", "peak_method"}``: GPU in this process, CPU in a fresh subprocess (``probe``:
     a ``bench.memprobe.MemoryProbe``; one is started if None). On failure ``peak_mib`` is None
@@ -449,7 +455,7 @@ def measure_peak(case: Case, probe=None) -> dict:
     from bench import memprobe
 
     probe = probe or memprobe.shared_probe()
-    reply = probe.run({"kind": "case", "case": case.to_dict()})
+    reply = probe.run(peak_request(case))
     if not reply.get("ok"):
         return {"peak_mib": None, "peak_method": probe.describe(), "peak_error": reply.get("error", "unknown")}
     return {"peak_mib": reply["peak_mib"], "peak_method": f"{reply['method']}, {probe.describe()}"}

@@ -18,6 +18,8 @@ one in the same child would read as 0).
 
 Requests are JSON: ``{"function": "module:name", "kwargs": {...}, "timeout": seconds,
 "data_limit_bytes": optional}``; the function runs in the child and returns a JSON-able dict.
+A benchmark case's shorthand is ``{"case": Case.to_dict(), "check_values": bool}``: the child
+runs with the value checks the caller measures with (``harness.measure_peak`` sends its own).
 ``data_limit_bytes`` caps the child's data segment above its current size (RLIMIT_DATA), a safety
 net so a probe that would eat the machine fails with an allocation error instead.
 """
@@ -94,14 +96,17 @@ class PeakMeter:
         return "VmHWM after a clear_refs reset minus VmRSS before" if self.hwm else "ru_maxrss difference"
 
 
-def case_peak(case: dict) -> dict:
-    """One benchmark case: peak beyond its inputs (and beyond the forward, for ``bwd``)."""
+def case_peak(case: dict, check_values: bool = False) -> dict:
+    """One benchmark case: peak beyond its inputs (and beyond the forward, for ``bwd``), with the
+    package's value checks as the measuring process has them (``check_values``: the checks read
+    the data, so they can add memory; the reply says which setting ran)."""
     import dataclasses
 
     from bench import harness
+    from cossim_fast.contract import inputs
 
     case = harness.Case.from_dict(case)
-    harness.configure_for_benchmarks(os.environ.get("COSSIM_BENCH_CHECK_VALUES", "0") == "1")
+    harness.configure_for_benchmarks(check_values)
     # Warm up on a tiny copy so one-time costs (lazy library loads, op registration) are not
     # counted, and so little freed memory is left for the measured call to reuse.
     harness.call_once(harness.prepare(dataclasses.replace(case, N=min(case.N, 64), M=min(case.M, 16)), cached=False))
@@ -111,7 +116,7 @@ def case_peak(case: dict) -> dict:
     meter.start()
     prepared.target(*args, **kwargs)
     peak = meter.stop()
-    return {"peak_mib": peak / 2**20, "method": meter.method}
+    return {"peak_mib": peak / 2**20, "method": meter.method, "value_checks": inputs.value_checks_enabled()}
 
 
 def _set_data_limit(extra_bytes: int | None) -> None:
@@ -249,8 +254,10 @@ class MemoryProbe:
 
     def run(self, request: dict) -> dict:
         request = dict(request)
-        if "function" not in request:  # shorthand for a benchmark case
-            request = {"function": "bench.memprobe:case_peak", "kwargs": {"case": request["case"]}, **{k: v for k, v in request.items() if k not in ("kind", "case")}}
+        if "function" not in request:  # shorthand for a benchmark case (``check_values``: default off)
+            kwargs = {"case": request["case"], "check_values": bool(request.get("check_values", False))}
+            request = {"function": "bench.memprobe:case_peak", "kwargs": kwargs,
+                       **{k: v for k, v in request.items() if k not in ("kind", "case", "check_values")}}
         timeout = float(request.setdefault("timeout", DEFAULT_TIMEOUT))
         if self.mode == "spawn":
             return self._run_spawned(request, timeout)

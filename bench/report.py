@@ -6,7 +6,14 @@ Reads pytest-benchmark JSON (``--benchmark-json``) or ``python -m bench.run`` ou
 ``DIR/report.md`` (per case and implementation: median, p20/p80, TFLOP/s, peak MiB, and the
 ratios to "reference" and to the per-class baseline side by side) and, with matplotlib,
 ``DIR/time_<op>.png`` and ``DIR/memory_<op>.png`` (one panel per M, C, dtype; one line per
-implementation). ``--print`` also prints a compact time/memory table to stdout.
+implementation). ``--print`` also prints a compact time/memory table to stdout. The report also
+lists the cases without a result: skipped (with the reason), failed, and not run (bench.run's
+time budget).
+
+Several files are combined into one table (e.g. ``bench.json`` and ``bench_cuda.json`` of one
+``gpu_check.sh`` run), one row per case and implementation, a later file's row replacing an
+earlier one's. Files measured on another machine (CPU model or GPU), device or timing mode are
+refused: their rows would replace each other's and the ratios would compare across machines.
 """
 
 from __future__ import annotations
@@ -17,6 +24,7 @@ import math
 import os
 import sys
 from collections import defaultdict
+from dataclasses import dataclass, field
 
 #: What a time means, by how it was taken (bench.run --timing).
 TIMING_NOTES = {
@@ -41,16 +49,96 @@ def machine_of(document: dict) -> dict:
     return info.get("cossim_fast_bench", info)
 
 
-def load(paths: list[str]) -> tuple[list[dict], dict, list[dict]]:
-    """``(rows, machine, skipped)``: one flat row per benchmark result."""
-    rows, machine, skipped = [], {}, []
-    for path in paths:
+def read_document(path: str) -> dict:
+    """One results file as JSON; ``ValueError`` naming the file when it is missing, empty or not
+    a JSON object (a run killed before its first write, a redirect of the wrong output)."""
+    try:
         with open(path) as handle:
-            document = json.load(handle)
-        machine.update(machine_of(document))
-        if document.get("datetime"):
-            machine.setdefault("date", document["datetime"])
-        skipped += document.get("skipped", [])
+            text = handle.read()
+    except OSError as error:
+        raise ValueError(f"cannot read results file {path}: {error.strerror or error}") from None
+    expected = "expected the JSON of pytest-benchmark (--benchmark-json) or python -m bench.run"
+    if not text.strip():
+        raise ValueError(f"results file {path} is empty: {expected}")
+    try:
+        document = json.loads(text)
+    except json.JSONDecodeError as error:
+        raise ValueError(f"results file {path} is not valid JSON ({error}): {expected}") from None
+    if not isinstance(document, dict):
+        raise ValueError(f"results file {path} holds a JSON {type(document).__name__}, not an object: {expected}")
+    return document
+
+
+def case_id(row: dict) -> str:
+    """The ``harness.Case.id`` of a row (how skipped, failed and not-run cases are named)."""
+    return f"{row['op']}-{row['impl']}-N{row['N']}-M{row['M']}-C{row['C']}-{row['dtype']}"
+
+
+#: What must be the same for every row of one report, with how to read it from a row and its
+#: file's machine: a case measured twice under different values would have one row replace the
+#: other, and the ratios would compare a CPU with a GPU, or eager with graph timing.
+#: None: not recorded (a hand-made file), which agrees with anything.
+ORIGIN = {
+    "CPU": lambda row, machine: machine.get("cpu"),
+    "GPU": lambda row, machine: (machine["gpu"] or "none") if "gpu" in machine else None,
+    "device": lambda row, machine: row.get("device"),
+    "timing": lambda row, machine: row.get("timing"),
+}
+
+
+def _check_one_origin(origins: dict[str, dict[str, list[str]]]) -> None:
+    """``origins``: what (ORIGIN's keys) -> value -> files. Raises ValueError when the files
+    disagree on any of them."""
+    differences = []
+    for what, files_of in origins.items():
+        if len(files_of) > 1:
+            sides = "; ".join(f"{value!s} in {', '.join(files)}" for value, files in files_of.items())
+            differences.append(f"{what}: {sides}")
+    if differences:
+        raise ValueError(
+            "these results come from different machines, devices or timing modes and cannot share one "
+            "table (a case's rows would replace each other and the ratios would compare across them): "
+            + " | ".join(differences)
+            + ". Report each machine, device and timing mode separately."
+        )
+
+
+def _merge_machines(machines: list[dict]) -> dict:
+    """One machine description for the header: a value the files disagree on (a version, say)
+    shows every value, in file order."""
+    merged: dict = {}
+    for key in dict.fromkeys(key for machine in machines for key in machine):
+        values = list(dict.fromkeys(json.dumps(m[key], sort_keys=True) for m in machines if key in m))
+        values = [json.loads(value) for value in values]
+        merged[key] = values[0] if len(values) == 1 else " / ".join(map(str, values))
+    return merged
+
+
+@dataclass
+class Results:
+    """What a set of results files holds: one flat row per benchmark result, the machine, and
+    the cases without a result (``skipped``: ``{"case", "reason"}``; ``errors``: ``{"case",
+    "error"}``; ``not_run``: case ids), those with a result in any file left out."""
+
+    rows: list[dict]
+    machine: dict
+    skipped: list[dict] = field(default_factory=list)
+    errors: list[dict] = field(default_factory=list)
+    not_run: list[str] = field(default_factory=list)
+    documents: list[dict] = field(default_factory=list)
+
+
+def load(paths: list[str]) -> Results:
+    """The rows of every file (ValueError, naming the files, when one cannot be read or when
+    they come from different machines, devices or timing modes)."""
+    rows, machines, dates, documents = [], [], [], []
+    skipped, errors, not_run = [], [], []
+    origins: dict[str, dict[str, list[str]]] = {what: {} for what in ORIGIN}
+    for path in paths:
+        document = read_document(path)
+        documents.append(document)
+        machine = dict(machine_of(document))
+        file_rows = []
         for bench in document.get("benchmarks", []):
             extra, stats = bench.get("extra_info", {}), bench.get("stats", {})
             if "op" not in extra or "impl" not in extra:
@@ -65,8 +153,35 @@ def load(paths: list[str]) -> tuple[list[dict], dict, list[dict]]:
             row["p80_ms"] = extra.get("p80_ms", _percentile(data, 80) * 1e3 if data else None)
             if extra.get("machine"):
                 machine.update({k: v for k, v in extra["machine"].items() if k not in machine})
-            rows.append(row)
-    return rows, machine, skipped
+            file_rows.append(row)
+        # A file without results still says its machine (and bench.run's its timing).
+        for row in file_rows or [{"timing": document.get("timing")}]:
+            for what, read in ORIGIN.items():
+                value = read(row, machine)
+                if value is not None:
+                    files = origins[what].setdefault(str(value), [])
+                    if path not in files:
+                        files.append(path)
+        rows += file_rows
+        machines.append(machine)
+        if document.get("datetime"):
+            dates.append(document["datetime"])
+        skipped += document.get("skipped", [])
+        errors += document.get("errors", [])
+        not_run += document.get("not_run", [])
+    _check_one_origin(origins)
+    merged = _merge_machines(machines)
+    if dates:
+        merged["date"] = min(dates) if min(dates) == max(dates) else f"{min(dates)} to {max(dates)}"
+    measured = {case_id(row) for row in rows}  # e.g. a case cut by one file's budget, run by another
+    return Results(
+        rows,
+        merged,
+        [entry for entry in skipped if entry.get("case") not in measured],
+        [entry for entry in errors if entry.get("case") not in measured],
+        list(dict.fromkeys(case for case in not_run if case not in measured)),
+        documents,
+    )
 
 
 def _case_key(row: dict) -> tuple:
@@ -91,9 +206,14 @@ def _fmt(value, digits: int = 3) -> str:
 
 
 def _ratio(value, base) -> str:
+    """``value / base`` to two decimals, and below 0.1 to two significant digits: the fused
+    backends' memory is a few millionths of the reference's, which two decimals show as 0.00x."""
     if value is None or base is None or base == 0:
         return "-"
-    return f"{value / base:.2f}x"
+    ratio = float(f"{value / base:.2g}")  # rounded first: 0.00996 reads 0.010x, not 0.0100x
+    if ratio == 0 or abs(ratio) >= 0.1:
+        return f"{value / base:.2f}x"
+    return f"{ratio:.{1 - math.floor(math.log10(abs(ratio)))}f}x"
 
 
 def by_case(rows: list[dict]) -> dict[tuple, dict[str, dict]]:
@@ -103,7 +223,8 @@ def by_case(rows: list[dict]) -> dict[tuple, dict[str, dict]]:
     return dict(sorted(cases.items()))
 
 
-def markdown(rows: list[dict], machine: dict, skipped: list[dict]) -> str:
+def markdown(results: Results) -> str:
+    rows, machine = results.rows, results.machine
     lines = ["# cossim_fast benchmark", ""]
     if machine:
         gpu = machine.get("gpu") or "none"
@@ -143,13 +264,21 @@ def markdown(rows: list[dict], machine: dict, skipped: list[dict]) -> str:
                 f"{_ratio(row['median_ms'], per_class and per_class['median_ms'])} | "
                 f"{_ratio(row['peak_mib'], per_class and per_class['peak_mib'])} |"
             )
-    if skipped:
-        lines += ["", f"Skipped ({len(skipped)}):", ""]
+    if results.skipped:
+        lines += ["", f"Skipped ({len(results.skipped)}):", ""]
         reasons = defaultdict(list)
-        for entry in skipped:
+        for entry in results.skipped:
             reasons[entry.get("reason", "?")].append(entry.get("case", "?"))
         for reason, cases in reasons.items():
             lines.append(f"- {reason}: {len(cases)} case(s), e.g. `{cases[0]}`")
+    if results.errors:
+        lines += ["", f"Failed ({len(results.errors)}):", ""]
+        for entry in results.errors:
+            first = (entry.get("error") or "error").splitlines()[0][:300]
+            lines.append(f"- `{entry.get('case', '?')}`: {first}")
+    if results.not_run:
+        lines += ["", f"Not run ({len(results.not_run)}: the run's time budget was spent before them):", ""]
+        lines += [f"- `{case}`" for case in results.not_run]
     return "\n".join(lines) + "\n"
 
 
@@ -234,11 +363,15 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--print-ops", default=None, help="ops in the printed table (comma-separated; default all)")
     parser.add_argument("--no-plots", action="store_true")
     args = parser.parse_args(argv)
-    rows, machine, skipped = load(args.json)
+    try:
+        results = load(args.json)
+    except ValueError as error:
+        parser.error(str(error))
+    rows = results.rows
     os.makedirs(args.out, exist_ok=True)
     report = os.path.join(args.out, "report.md")
     with open(report, "w") as handle:
-        handle.write(markdown(rows, machine, skipped))
+        handle.write(markdown(results))
     written = [] if args.no_plots else plots(rows, args.out)
     print(f"{len(rows)} results -> {report}" + (f" and {len(written)} plots" if written else ""))
     if args.print:

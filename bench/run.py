@@ -118,6 +118,22 @@ def run_case(case: harness.Case, rounds: int, warmup: int, measure_memory: bool,
     }
 
 
+def _count(least: int):
+    """An argparse type: an integer of at least ``least`` (a zero or negative count is an error,
+    never the default in disguise)."""
+
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected an integer >= {least}, got {text!r}") from None
+        if value < least:
+            raise argparse.ArgumentTypeError(f"expected an integer >= {least}, got {value}")
+        return value
+
+    return parse
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m bench.run", description=__doc__.splitlines()[0])
     parser.add_argument("--grid", choices=tuple(harness.GRIDS), default=None)
@@ -125,11 +141,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--ops", default=None, help=f"comma-separated subset of {','.join(harness.OPS)}")
     parser.add_argument("--impls", default=None, help=f"comma-separated subset of {','.join(harness.IMPLS)}")
     parser.add_argument("--json", required=True, help="output file (pytest-benchmark layout)")
-    parser.add_argument("--rounds", type=int, default=None)
-    parser.add_argument("--warmup", type=int, default=None)
+    parser.add_argument("--rounds", type=_count(1), default=None,
+                        help="timed calls per case, >= 1 (default: COSSIM_BENCH_ROUNDS, else CPU 3, GPU 10)")
+    parser.add_argument("--warmup", type=_count(0), default=None,
+                        help="untimed calls before them, >= 0 (default: COSSIM_BENCH_WARMUP, else CPU 1, GPU 3)")
     parser.add_argument("--time-budget", type=float, default=None, help="seconds after which no new case starts")
     parser.add_argument("--no-memory", action="store_true")
-    parser.add_argument("--check-values", action="store_true")
+    parser.add_argument("--check-values", action="store_true",
+                        help="keep the package's value checks on, in the timed calls and the CPU memory probe (default: off)")
     parser.add_argument("--timing", choices=("eager", "graph"), default="eager",
                         help="eager: wall time of each call (default); graph: CUDA graph replays (device time)")
     args = parser.parse_args(argv)
@@ -140,7 +159,7 @@ def main(argv: list[str] | None = None) -> int:
     cases = harness.grid_cases(args.grid, args.device, ops=split(args.ops), impls=split(args.impls))
     device = cases[0].device if cases else (args.device or harness.default_device())
     default_rounds, default_warmup = harness.timing_defaults(device)
-    rounds = args.rounds or default_rounds
+    rounds = default_rounds if args.rounds is None else args.rounds
     warmup = default_warmup if args.warmup is None else args.warmup
     if args.timing == "graph" and device != "cuda":
         parser.error(f"--timing graph needs CUDA tensors (--device cuda), not {device}")

@@ -18,8 +18,10 @@ rule for "auto".
 
 Where several files hold the same case the last one's row counts (e.g. Triton's fp32 at another
 precision, ``COSSIM_FAST_TRITON_FP32_PRECISION``); each target row names the fp32 precision of
-its backend's row. A fused backend with no result and no recorded reason in the files is not
-part of the run and has no rows. ``--dtypes`` keeps only those dtypes.
+its backend's row. The files must come from one machine, device and timing mode, as
+``bench.report`` requires (check eager and graph timings apart). A fused backend with no result
+and no recorded reason in the files is not part of the run and has no rows. ``--dtypes`` keeps
+only those dtypes.
 
 ``--write-rule PATH`` adds that rule for the results' GPU architecture (one per call) to a rule
 file, the package's being ``cossim_fast/backends/auto_rule.json``, replacing its earlier
@@ -180,11 +182,11 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("--dtypes", help="only these dtypes, comma-separated (e.g. fp32)")
     args = parser.parse_args(argv)
-    rows, machine, _ = report.load(args.results)
-    documents = []
-    for results in args.results:
-        with open(results) as handle:
-            documents.append(json.load(handle))
+    try:
+        loaded = report.load(args.results)
+    except ValueError as error:  # unreadable, or from different machines or timing modes
+        parser.error(str(error))
+    rows, machine, documents = loaded.rows, loaded.machine, loaded.documents
     missing = missing_cases(documents)
     if args.dtypes:
         wanted = set(args.dtypes.split(","))

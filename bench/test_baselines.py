@@ -7,6 +7,7 @@ reads what the runner writes.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 
@@ -124,6 +125,52 @@ def test_graph_timing_needs_cuda(tmp_path, capsys):
     assert "--timing graph needs CUDA tensors" in capsys.readouterr().err
 
 
+@pytest.mark.parametrize("argument, value, expected", [("--rounds", "0", ">= 1, got 0"), ("--rounds", "-2", ">= 1, got -2"),
+                                                      ("--warmup", "-1", ">= 0, got -1"), ("--rounds", "two", ">= 1, got 'two'")])
+def test_runner_refuses_a_count_out_of_range(tmp_path, capsys, monkeypatch, argument, value, expected):
+    # Once "--rounds 0" ran the default rounds: a small grid, so that a regression ends quickly.
+    for name, size in (("N", "64"), ("M", "8"), ("C", "16"), ("DTYPES", "fp32")):
+        monkeypatch.setenv(f"COSSIM_BENCH_{name}", size)
+    try:
+        with pytest.raises(SystemExit):
+            bench_run.main(["--device", "cpu", "--ops", "update", "--impls", "torch", "--no-memory", argument, value,
+                            "--json", str(tmp_path / "out.json")])
+    finally:
+        cossim_fast.set_strict(False)
+        cossim_fast.set_value_checks(True)
+    assert f"argument {argument}: expected an integer {expected}" in capsys.readouterr().err
+    assert not (tmp_path / "out.json").exists()
+
+
+def test_cpu_memory_probe_runs_with_the_value_checks_of_the_run():
+    # The probe's child is a fresh process: it must be told, or it measures with the checks off
+    # while the record says value_checks true (bench.run --check-values, --bench-check-values).
+    from bench import memprobe
+
+    class Recording:
+        def __init__(self, probe):
+            self.probe, self.replies = probe, []
+
+        def run(self, request):
+            self.replies.append(self.probe.run(request))
+            return self.replies[-1]
+
+        def describe(self):
+            return self.probe.describe()
+
+    probe = Recording(memprobe.MemoryProbe("fork"))
+    case = harness.Case("max-fwd", "torch", 64, 8, 16, "fp32")
+    try:
+        for check_values in (True, False):
+            harness.configure_for_benchmarks(check_values)
+            assert harness.measure_peak(case, probe)["peak_mib"] is not None, probe.replies[-1]
+            assert probe.replies[-1]["value_checks"] is check_values
+    finally:
+        probe.probe.close()
+        cossim_fast.set_strict(False)
+        cossim_fast.set_value_checks(True)
+
+
 def test_reference_over_memory_limit_is_skipped_with_its_size(monkeypatch):
     monkeypatch.setenv("COSSIM_BENCH_MEMORY_LIMIT_GIB", "1")
     reason = harness.skip_reason(harness.Case("max-fwd", "reference", 131072, 4096, 256, "fp32"))
@@ -184,6 +231,30 @@ def test_train_step_shares_n_among_the_batch():
     step = frontier.TrainStep(spec)
     assert step.feature_size(2 * 8 * 16) == (8, 16) and step.images(2 * 8 * 16) == "2 x 128x64"
     step.build(2 * 4 * 8)()  # two 64x32 source and two target images: one iteration runs
+
+
+def test_train_step_frontier_records_the_n_it_ran():
+    # The search asks for multiples of 256; the step builds whole h x 2h feature maps: asked for
+    # 4,864 it runs 784x392 images, 98 x 49 = 4,802 pixels, and that N is what the result says.
+    spec = frontier.StepSpec("torch", 1024, 128, 19, "fp32", "max", 0.0, "cpu", "train")
+    step = frontier.TrainStep(spec)
+    assert step.rows_run(4864) == 4802 and step.images(4864) == step.images(4802) == "1 x 784x392"
+    assert frontier.TrainStep(dataclasses.replace(spec, batch=2)).rows_run(4864) == 2 * 35 * 70
+
+    def measure(rows):  # 1000 bytes per pixel that ran: up to 5,000 pixels fit
+        return {"fits": step.rows_run(rows) * 1000 <= 5_000_000, "peak_bytes": step.rows_run(rows) * 1000}
+
+    result = frontier.search(spec, measure, 5_000_000, start_n=4096, step=256, tol=0.05, max_n=2**26,
+                             deadline=math.inf, lower_bound=lambda rows: 0)
+    assert (result.largest_n, result.smallest_failing_n) == (4802, 5202)  # 784x392 fits, 816x408 does not
+    assert result.peak_bytes == 4802 * 1000
+    for probe in result.probes:
+        assert probe["N"] == step.rows_run(probe["requested_n"]) != probe["requested_n"]
+    assert "4,802" in frontier._table([result]) and "(1 x 784x392 images)" in frontier._table([result])
+    # The loss step runs the N asked for: no requested_n.
+    loss = frontier.search(dataclasses.replace(spec, step="loss"), measure, 5_000_000, start_n=4096, step=256, tol=0.05,
+                           max_n=2**26, deadline=math.inf, lower_bound=lambda rows: 0)
+    assert all("requested_n" not in probe and probe["N"] % 256 == 0 for probe in loss.probes)
 
 
 def test_report_reads_runner_output(tmp_path):
