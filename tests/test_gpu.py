@@ -28,6 +28,27 @@ def test_forward_and_loss_on_cuda_match_reference(backend, dtype):
         torch.testing.assert_close(loss, ref, atol=1e-4, rtol=0)
 
 
+@pytest.mark.parametrize("backend", ["reference", *CUDA_BACKENDS])
+@pytest.mark.parametrize("feature_dtype", [torch.float32, torch.bfloat16])
+def test_a_callers_autocast_changes_nothing_on_cuda(backend, feature_dtype):
+    bank, counts = make_bank(5, 17, 24, counts=[17, 3, 0, 17, 9], device="cuda")
+    features, labels = make_rows(71, 24, 5, dtype=feature_dtype, device="cuda")
+
+    def run():
+        x = features.clone().requires_grad_(True)
+        losses = [cossim_fast.cosine_similarity_loss(x, labels, bank, counts, 0.05, mode=mode, backend=backend) for mode in ("max", "all")]
+        sum(losses).backward()
+        dictionary = cossim_fast.FeatureDictionary(5, 17, 24, device="cuda")
+        dictionary.update(features, labels, backend=backend)
+        return (*losses, x.grad, dictionary.bank)
+
+    plain = run()
+    with torch.autocast("cuda", dtype=torch.bfloat16):
+        mixed = run()
+    for expected, got in zip(plain, mixed, strict=True):
+        assert got.dtype == expected.dtype and torch.equal(got, expected)
+
+
 @pytest.mark.parametrize("backend", CUDA_BACKENDS)
 def test_strided_labels_on_cuda(backend):
     bank, counts = make_bank(3, 11, 9, counts=[11, 0, 6], device="cuda")

@@ -158,3 +158,29 @@ def test_torch_backend_split_into_many_chunks_matches_reference(mode, monkeypatc
     got = cossim_fast.max_cosine_similarity(features, labels, bank, too_many, backend="torch", check_values=False)
     want = cossim_fast.max_cosine_similarity(features, labels, bank, too_many.clamp(max=17), backend="reference")
     assert torch.equal(got[1], want[1]) and torch.allclose(got[0], want[0], atol=1e-6, rtol=0)
+
+
+@pytest.mark.parametrize("backend", ["reference", *BACKENDS])
+@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("feature_dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("autocast_dtype", [torch.bfloat16, torch.float16])
+def test_a_callers_autocast_changes_nothing(backend, mode, feature_dtype, autocast_dtype):
+    # Mixed-precision loops call the loss inside autocast: the ops still compute in their inputs'
+    # dtypes with fp32 accumulation (it used to round the dots to 16 bits, or refuse in "all").
+    bank, counts = make_bank(5, 17, 24, counts=[17, 3, 0, 17, 9])
+    features, labels = make_rows(71, 24, 5, dtype=feature_dtype)
+
+    def run():
+        x = features.clone().requires_grad_(True)
+        loss = cossim_fast.cosine_similarity_loss(x, labels, bank, counts, 0.05, mode=mode, reduction="class_mean", backend=backend)
+        loss.backward()
+        values, _ = cossim_fast.max_cosine_similarity(features, labels, bank, counts, backend=backend)
+        dictionary = cossim_fast.FeatureDictionary(5, 17, 24)
+        dictionary.update(features, labels, backend=backend)
+        return loss, x.grad, values, dictionary.bank.clone()
+
+    plain = run()
+    with torch.autocast("cpu", dtype=autocast_dtype):
+        mixed = run()
+    for expected, got in zip(plain, mixed, strict=True):
+        assert got.dtype == expected.dtype and torch.equal(got, expected)

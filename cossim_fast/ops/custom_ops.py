@@ -7,12 +7,23 @@ checks happen at run time, inside the op, and ``fullgraph=True`` holds.
 
 from __future__ import annotations
 
+import contextlib
+
 import torch
 from torch import Tensor
 
 from cossim_fast.backends import dispatch
 from cossim_fast.backends.reference import accumulation_dtype
 from cossim_fast.contract import inputs
+
+
+def _exact(device: torch.device) -> contextlib.AbstractContextManager:
+    """Autocast off inside the ops: the backends compute in their inputs' dtypes with fp32
+    accumulation (METHOD.md), while a caller's autocast would run their matmuls in bf16/fp16
+    (a different winner, 16-bit values) or mix dtypes (``index_add_`` refuses)."""
+    if torch.amp.is_autocast_available(device.type):
+        return torch.autocast(device.type, enabled=False)
+    return contextlib.nullcontext()
 
 
 def _check(features: Tensor, labels: Tensor, bank: Tensor, counts: Tensor, ignore_index: int) -> None:
@@ -41,7 +52,8 @@ def max_cosine_forward(
     if check_values:
         _check(features, labels, bank, counts, ignore_index)
     chosen = dispatch.select("max_forward", backend, features.device, features.dtype, bank.dtype, dim=bank.shape[2], rows=labels.numel())
-    return chosen.max_forward(features, labels, bank, counts, ignore_index)
+    with _exact(features.device):
+        return chosen.max_forward(features, labels, bank, counts, ignore_index)
 
 
 @max_cosine_forward.register_fake
@@ -55,7 +67,8 @@ def max_cosine_backward(
     grad_values: Tensor, features: Tensor, labels: Tensor, bank: Tensor, values: Tensor, indices: Tensor, backend: str
 ) -> Tensor:
     chosen = dispatch.select("max_backward", backend, features.device, features.dtype, bank.dtype, dim=bank.shape[2], rows=labels.numel())
-    return chosen.max_backward(grad_values, features, labels, bank, values, indices)
+    with _exact(features.device):
+        return chosen.max_backward(grad_values, features, labels, bank, values, indices)
 
 
 @max_cosine_backward.register_fake
@@ -77,7 +90,8 @@ def thresholded_cosine_forward(
     if check_values:
         _check(features, labels, bank, counts, ignore_index)
     chosen = dispatch.select("all_forward", backend, features.device, features.dtype, bank.dtype, dim=bank.shape[2], rows=labels.numel())
-    return chosen.all_forward(features, labels, bank, counts, threshold, ignore_index)
+    with _exact(features.device):
+        return chosen.all_forward(features, labels, bank, counts, threshold, ignore_index)
 
 
 @thresholded_cosine_forward.register_fake
@@ -89,7 +103,8 @@ def _(features, labels, bank, counts, threshold, ignore_index, backend, check_va
 @torch.library.custom_op("cossim_fast::thresholded_cosine_backward", mutates_args=())
 def thresholded_cosine_backward(grad_ssum: Tensor, features: Tensor, ssum: Tensor, dsum: Tensor, backend: str) -> Tensor:
     chosen = dispatch.select("all_backward", backend, features.device, features.dtype, dim=dsum.shape[1], rows=dsum.shape[0])
-    return chosen.all_backward(grad_ssum, features, ssum, dsum)
+    with _exact(features.device):
+        return chosen.all_backward(grad_ssum, features, ssum, dsum)
 
 
 @thresholded_cosine_backward.register_fake
@@ -126,7 +141,8 @@ def update_dictionary(
     if check_values:
         check_update_values(bank, counts, ptr, features, labels, ignore_index)
     chosen = dispatch.select("update", backend, bank.device, bank.dtype, features.dtype, dim=bank.shape[2], rows=labels.numel())
-    chosen.update(bank, counts, ptr, features, labels, order, denom, max_per_class, ignore_index)
+    with _exact(bank.device):
+        chosen.update(bank, counts, ptr, features, labels, order, denom, max_per_class, ignore_index)
 
 
 @update_dictionary.register_fake
