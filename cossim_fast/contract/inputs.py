@@ -74,6 +74,7 @@ def rows_of(features: object, labels: object, dim: int, ignore_index: object) ->
     _require_integer_dtype("labels", labels)
     if features.device != labels.device:
         raise ValueError(f"labels must be on the features' device {features.device}, got {labels.device}")
+    _check_channels(features, dim)
     if features.dim() == 2:
         num_rows, channels = features.shape
         if labels.shape != (num_rows,):
@@ -88,17 +89,33 @@ def rows_of(features: object, labels: object, dim: int, ignore_index: object) ->
                     "; labels at image resolution? Take them to the features' resolution by nearest neighbour: "
                     f"cossim_fast.training.target_losses.downsample_labels(labels, ({height}, {width}))"
                 )
+            elif labels.dim() == 4 and labels.shape[1] == 1:
+                hint = "; labels with a channel dimension (B x 1 x H x W, as mmseg's gt_semantic_seg)? Pass labels.squeeze(1)"
             raise ValueError(
                 f"labels must have shape ({batch}, {height}, {width}) (B x H x W) for features of shape "
                 f"{tuple(features.shape)} (B x C x H x W), got {tuple(labels.shape)}{hint}"
             )
         canonical, row_shape = features.flatten(2).transpose(1, 2), (batch, height, width)
-    else:
-        raise ValueError(f"features must be N x C or B x C x H x W, got {features.dim()} dims with shape {tuple(features.shape)}")
-    if channels != dim:
-        raise ValueError(f"features have C = {channels} channels but the dictionary stores C = {dim}")
     # Flat int64 labels, contiguous (a no-op when they already are): every kernel indexes them flat.
     return Rows(canonical, labels.reshape(-1).to(torch.int64).contiguous(), row_shape)
+
+
+def _check_channels(features: Tensor, dim: int) -> None:
+    """The layout and channel count, before the labels are held against the features' shape
+    (a transposed layout would otherwise be reported as wrong labels)."""
+    if features.dim() not in (2, 4):
+        raise ValueError(f"features must be N x C or B x C x H x W, got {features.dim()} dims with shape {tuple(features.shape)}")
+    channels = features.shape[1]
+    if channels == dim:
+        return
+    hint = ""
+    if features.dim() == 4 and features.shape[3] == dim:
+        hint = "; they look channels-last (B x H x W x C): pass features.permute(0, 3, 1, 2)"
+    elif features.dim() == 2 and features.shape[0] == dim:
+        hint = "; they look C x N: pass features.T"
+    raise ValueError(
+        f"features have C = {channels} channels (dim 1 of shape {tuple(features.shape)}) but the dictionary stores C = {dim}{hint}"
+    )
 
 
 def bank_dim(bank: object) -> int:
@@ -183,6 +200,24 @@ def check_feature_values(features: Tensor) -> None:
         flat = features.reshape(-1, features.shape[-1])
         row = _first_bad(~torch.isfinite(flat).all(dim=1))
         raise ValueError(f"features contain NaN or inf (first at row {row}); pass check_values=False to skip this check")
+
+
+#: How far above 1 a stored row's norm may be (16-bit rounding of a unit row stays well within).
+_NORM_SLACK = 1e-2
+
+
+def check_bank_norms(bank: Tensor, counts: Tensor) -> None:
+    """The bank's rows must have unit norm: the cosine of a row with a stored slot is their dot
+    product over the row's norm alone. The first slot of each non-empty class is checked, which
+    catches a bank of raw features (the likely mistake) at the cost of K rows."""
+    norms = torch.linalg.vector_norm(bank[:, 0, :].float(), dim=1)
+    bad = (counts > 0) & (norms > 1 + _NORM_SLACK)
+    if bad.any():
+        index = _first_bad(bad)
+        raise ValueError(
+            f"bank rows must have unit norm (FeatureDictionary.update stores them so), got norm "
+            f"{float(norms[index]):.4g} at class {index}, slot 0; pass check_values=False to skip this check"
+        )
 
 
 def check_label_values(labels: Tensor, num_classes: int, ignore_index: int) -> None:

@@ -51,6 +51,7 @@ def max_cosine_forward(
 ) -> tuple[Tensor, Tensor]:
     if check_values:
         _check(features, labels, bank, counts, ignore_index)
+        inputs.check_bank_norms(bank, counts)
     chosen = dispatch.select("max_forward", backend, features.device, features.dtype, bank.dtype, dim=bank.shape[2], rows=labels.numel())
     with _exact(features.device):
         return chosen.max_forward(features, labels, bank, counts, ignore_index)
@@ -89,6 +90,7 @@ def thresholded_cosine_forward(
 ) -> tuple[Tensor, Tensor, Tensor]:
     if check_values:
         _check(features, labels, bank, counts, ignore_index)
+        inputs.check_bank_norms(bank, counts)
     chosen = dispatch.select("all_forward", backend, features.device, features.dtype, bank.dtype, dim=bank.shape[2], rows=labels.numel())
     with _exact(features.device):
         return chosen.all_forward(features, labels, bank, counts, threshold, ignore_index)
