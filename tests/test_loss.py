@@ -1,5 +1,7 @@
 """The thresholded loss in both modes and both reductions, against hand computation and the reference."""
 
+import functools
+
 import pytest
 import torch
 
@@ -125,6 +127,10 @@ def test_module_value_checks_follow_its_setting():
     with pytest.raises(ValueError, match="NaN or inf"):
         cossim_fast.CosineSimilarityLoss(0.5, dictionary=dictionary)(features, labels)
     cossim_fast.CosineSimilarityLoss(0.5, dictionary=dictionary, check_values=False)(features, labels)
+    for call in (dictionary.lookup, functools.partial(dictionary.loss, threshold=0.5)):  # the dictionary's own
+        with pytest.raises(ValueError, match="NaN or inf"):
+            call(features, labels)
+        call(features, labels, check_values=False)
 
 
 @pytest.mark.parametrize("mode", MODES)

@@ -151,9 +151,14 @@ class FeatureDictionary(nn.Module):
             False,  # checked by update
         )
 
-    def lookup(self, features: Tensor, labels: Tensor, *, ignore_index: int = 255, backend: str = "auto") -> tuple[Tensor, Tensor]:
+    def lookup(
+        self, features: Tensor, labels: Tensor, *, ignore_index: int = 255, backend: str = "auto",
+        check_values: bool | None = None,
+    ) -> tuple[Tensor, Tensor]:
         """``(values, indices)`` of :func:`cossim_fast.max_cosine_similarity` against this dictionary."""
-        return max_cosine_similarity(features, labels, self.bank, self.counts, ignore_index=ignore_index, backend=backend)
+        return max_cosine_similarity(
+            features, labels, self.bank, self.counts, ignore_index=ignore_index, backend=backend, check_values=check_values
+        )
 
     def loss(
         self,
@@ -165,9 +170,10 @@ class FeatureDictionary(nn.Module):
         reduction: str = "mean",
         ignore_index: int = 255,
         backend: str = "auto",
+        check_values: bool | None = None,
     ) -> Tensor:
         """:func:`cossim_fast.cosine_similarity_loss` of target features against this dictionary."""
         return cosine_similarity_loss(
             features, labels, self.bank, self.counts, threshold,
-            mode=mode, reduction=reduction, ignore_index=ignore_index, backend=backend,
+            mode=mode, reduction=reduction, ignore_index=ignore_index, backend=backend, check_values=check_values,
         )

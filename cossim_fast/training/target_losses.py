@@ -18,6 +18,12 @@ def pseudo_labels(logits: Tensor, confidence: float, class_cap: float | None) ->
     ones: the toy experiment saw pseudo-labels collapse onto a frequent class (road), and a
     cap keeps that class from owning the loss. All on the device, no host sync.
     """
+    if logits.dim() != 4:
+        raise ValueError(f"logits must be B x K x h x w, got shape {tuple(logits.shape)}")
+    if not 0 <= confidence < 1:
+        raise ValueError(f"confidence must be a softmax probability in [0, 1), got {confidence}")
+    if class_cap is not None and not 0 < class_cap <= 1:
+        raise ValueError(f"class_cap must be a share of the kept pixels in (0, 1], or None for no cap, got {class_cap}")
     probabilities = logits.detach().float().softmax(dim=1)
     score, labels = probabilities.max(dim=1)
     kept = score > confidence
@@ -54,5 +60,10 @@ def class_shares(labels: Tensor, num_classes: int) -> Tensor:
 
 
 def downsample_labels(labels: Tensor, size: tuple[int, int]) -> Tensor:
-    """Ground-truth labels at feature resolution, by nearest neighbour (METHOD.md 5)."""
+    """Ground-truth labels ``B x H x W`` at feature resolution ``size = (h, w)``, by nearest
+    neighbour (METHOD.md 5)."""
+    if labels.dim() == 4 and labels.shape[1] == 1:
+        raise ValueError(f"labels must be B x H x W, got shape {tuple(labels.shape)}: pass labels.squeeze(1)")
+    if labels.dim() != 3:
+        raise ValueError(f"labels must be B x H x W, got shape {tuple(labels.shape)}")
     return F.interpolate(labels[:, None].float(), size=size, mode="nearest")[:, 0].long()

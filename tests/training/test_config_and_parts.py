@@ -8,7 +8,7 @@ from cossim_fast.training import ConfigError, load_config
 from cossim_fast.training import checkpoint
 from cossim_fast.training.config import config_from_dict, save_config
 from cossim_fast.training.streams import CachedDataset, IterationBatches, flips
-from cossim_fast.training.target_losses import class_shares, entropy_loss, pseudo_labels
+from cossim_fast.training.target_losses import class_shares, downsample_labels, entropy_loss, pseudo_labels
 
 
 @pytest.mark.parametrize("name", configs.names())
@@ -145,6 +145,19 @@ def test_pseudo_labels_threshold_and_class_cap():
     strict = pseudo_labels(logits, 0.9999999, None)
     assert (strict == 255).all()
     torch.testing.assert_close(class_shares(plain, 3), torch.tensor([0.8, 0.2, 0.0]))
+
+
+def test_label_helpers_refuse_arguments_of_another_scale_or_shape():
+    logits = torch.zeros(1, 3, 2, 5)
+    with pytest.raises(ValueError, match=r"confidence must be a softmax probability in \[0, 1\), got 80"):
+        pseudo_labels(logits, 80, 0.3)  # a percent
+    with pytest.raises(ValueError, match=r"class_cap must be a share of the kept pixels in \(0, 1\], or None"):
+        pseudo_labels(logits, 0.8, 30)
+    with pytest.raises(ValueError, match=r"logits must be B x K x h x w"):
+        pseudo_labels(logits[0], 0.8, 0.3)
+    with pytest.raises(ValueError, match=r"labels must be B x H x W, got shape \(2, 1, 8, 8\): pass labels.squeeze\(1\)"):
+        downsample_labels(torch.zeros(2, 1, 8, 8, dtype=torch.long), (4, 4))
+    assert downsample_labels(torch.zeros(2, 8, 8, dtype=torch.long), (4, 4)).shape == (2, 4, 4)
 
 
 def test_entropy_is_normalized():
