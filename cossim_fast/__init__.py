@@ -1,7 +1,8 @@
 """cossim_fast: thresholded max cosine similarity against a class-wise source feature dictionary,
 for unsupervised domain adaptation in semantic segmentation, without materializing N x M.
 
-The contract is METHOD.md; ``reference`` is its materializing oracle, ``torch`` the chunked
+The contract is the project's internal METHOD.md (not shipped: the README and docs/ describe
+what the code computes); ``reference`` is its materializing oracle, ``torch`` the chunked
 pure-PyTorch path that runs everywhere, ``triton`` and ``cuda`` the fused GPU paths.
 """
 

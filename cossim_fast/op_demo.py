@@ -1,8 +1,9 @@
 """Operator demo: the cosine-similarity loss and its backward on every available backend.
 
 Builds random target features and a dictionary filled from random source features, then runs
-loss + backward once per backend in a fresh subprocess (so each peak-memory reading is its
-own) and prints values, times and the peak memory beyond the inputs.
+loss + backward per backend in a fresh subprocess (so each peak-memory reading is its own),
+with the same number of CPU threads for each (so their times compare), and prints values, the
+median time of ``--repeats`` runs and the peak memory beyond the inputs.
 """
 
 from __future__ import annotations
@@ -33,9 +34,11 @@ def map_side(rows: int, batch: int) -> int:
 
 def _check_options(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
     """Refuse bad options before any work, as argparse does (not as tracebacks of every child)."""
-    for option in ("batch", "classes", "slots", "dim"):
+    for option in ("batch", "classes", "slots", "dim", "repeats"):
         if getattr(args, option) < 1:
             parser.error(f"argument --{option}: expected a positive integer, got {getattr(args, option)}")
+    if args.threads < 0:
+        parser.error(f"argument --threads: expected 0 (torch's default) or more, got {args.threads}")
     if args.rows < args.batch:  # fewer could round to an empty map
         parser.error(f"argument --rows: expected at least one row per image (--batch {args.batch}), got {args.rows}")
     if math.isnan(args.threshold):
@@ -59,6 +62,8 @@ def _check_options(parser: argparse.ArgumentParser, args: argparse.Namespace) ->
 def run_backend(backend: str, args: argparse.Namespace) -> dict:
     """One backend, in this process: loss + backward on the demo problem, timed and measured."""
     device = torch.device(args.device)
+    if args.threads:
+        torch.set_num_threads(args.threads)
     generator = torch.Generator().manual_seed(args.seed)
     dictionary = cossim_fast.FeatureDictionary(args.classes, args.slots, args.dim, device=device)
     source = torch.randn(args.classes * args.slots, args.dim, generator=generator).to(device)
@@ -74,12 +79,16 @@ def run_backend(backend: str, args: argparse.Namespace) -> dict:
         torch.cuda.synchronize(device)
         torch.cuda.reset_peak_memory_stats(device)
     before = _peak_mib(device)
-    start = time.perf_counter()
-    loss = loss_fn(features, labels)
-    loss.backward()
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-    seconds = time.perf_counter() - start
+    times = []
+    for _ in range(args.repeats):
+        features.grad = None
+        start = time.perf_counter()
+        loss = loss_fn(features, labels)
+        loss.backward()
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        times.append(time.perf_counter() - start)
+    seconds = sorted(times)[len(times) // 2]
     return {
         "backend": backend,
         "loss": loss.item(),
@@ -103,6 +112,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--mode", choices=("max", "all"), default="max", help="loss mode")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="where the tensors live")
     parser.add_argument("--seed", type=int, default=0, help="seed of the random inputs")
+    parser.add_argument("--threads", type=int, default=1, help="torch CPU threads for each backend (0: torch's default)")
+    parser.add_argument("--repeats", type=int, default=3, help="timed runs per backend (the median is shown)")
     parser.add_argument("--backend", help=argparse.SUPPRESS)  # internal: run one backend, print JSON
     args = parser.parse_args(argv)
     _check_options(parser, args)

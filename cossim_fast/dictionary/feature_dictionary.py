@@ -57,7 +57,8 @@ class FeatureDictionary(nn.Module):
     ``update`` gathers every rank's rows first so all ranks keep identical dictionaries; a
     ``generator`` must then be seeded alike on every rank (the trainer's are), or their random
     orders, and so their dictionaries, differ. The gather reads the ranks' row counts on the host
-    (one synchronization per update; the single-process update has none).
+    (one synchronization per update; the single-process update has none with
+    ``check_values=False``: the value checks read the data).
     """
 
     def __init__(
@@ -114,7 +115,8 @@ class FeatureDictionary(nn.Module):
         ``features`` N x C with labels N, or B x C x H x W with labels B x H x W (ground truth
         downsampled by nearest neighbour to the feature resolution). With a ``generator`` the
         rows are visited in a random order drawn from it, so a ``max_per_class`` cap keeps a
-        random subset; without one, rows go in increasing order. No host synchronization.
+        random subset; without one, rows go in increasing order. No host synchronization with
+        ``check_values=False`` (the value checks read the data, one sync on GPU).
         """
         dispatch.check_backend_name(backend)
         cap = inputs.check_max_per_class(max_per_class)

@@ -100,8 +100,10 @@ def cosine_similarity_loss(
     """The thresholded cosine-similarity loss of METHOD.md 4, a float32 scalar.
 
     ``mode="max"``: ``mean(1 - values[i])`` over rows whose max similarity exceeds ``threshold``;
-    ``mode="all"``: ``mean(1 - S[i, j])`` over every same-class pair above it. With nothing
-    selected the loss is 0 and still part of the graph (zero gradient).
+    ``mode="all"``: ``mean(1 - S[i, j])`` over every same-class pair above it.
+    ``reduction="class_mean"`` takes that mean within each class first, then over the classes
+    with a selected term, so frequent classes cannot dominate. With nothing selected the loss
+    is 0 and still part of the graph (zero gradient).
     """
     inputs.check_choice("reduction", reduction, inputs.REDUCTIONS)
     inputs.warn_if_threshold_selects_nothing(inputs.check_threshold(threshold))

@@ -89,6 +89,8 @@ def test_a_failed_demo_run_is_one_line_with_its_log(tmp_path, monkeypatch, capsy
 
 @pytest.mark.parametrize("options, expected", [
     (["--classes", "0"], "argument --classes: expected a positive integer, got 0"),
+    (["--repeats", "0"], "argument --repeats: expected a positive integer, got 0"),
+    (["--threads", "-1"], "argument --threads: expected 0 (torch's default) or more, got -1"),
     (["--slots", "0"], "argument --slots: expected a positive integer, got 0"),
     (["--dim", "0"], "argument --dim: expected a positive integer, got 0"),
     (["--batch", "0"], "argument --batch: expected a positive integer, got 0"),
