@@ -49,13 +49,7 @@ def _add_config_options(parser: argparse.ArgumentParser, default: str | None = "
 
 
 def generate_data(args: argparse.Namespace) -> int:
-    from cossim_fast.data import generate_synthetic_uda
-
-    synthetic = _config(args).data.synthetic
-    paths = generate_synthetic_uda(
-        synthetic.root, seed=synthetic.seed, num_source=synthetic.num_source, num_target_train=synthetic.num_target_train,
-        num_target_val=synthetic.num_target_val, size=tuple(synthetic.size), style_strength=synthetic.style_strength,
-    )
+    paths = _config(args).data.synthetic.generate()
     for name, path in paths.items():
         print(f"{name:<11} {path}")
     return 0

@@ -42,10 +42,22 @@ class SyntheticConfig:
     root: str = "data/synthetic"
     seed: int = 0
     num_source: int = 1000
+    num_source_val: int = 200  # held-out source images (root/gta5_val), for the source mIoU
     num_target_train: int = 1000
     num_target_val: int = 200
     size: list[int] = field(default_factory=lambda: [128, 64])
     style_strength: float = 0.3
+
+    def generate(self) -> dict[str, Path]:
+        """Write the data this section describes under ``root`` (nothing if it is there already);
+        the paths of :func:`cossim_fast.data.generate_synthetic_uda`."""
+        from cossim_fast import data  # looked up at call time: tests stand in for the generator
+
+        return data.generate_synthetic_uda(
+            self.root, seed=self.seed, num_source=self.num_source, num_source_val=self.num_source_val,
+            num_target_train=self.num_target_train, num_target_val=self.num_target_val, size=tuple(self.size),
+            style_strength=self.style_strength,
+        )
 
 
 @dataclass
@@ -182,7 +194,7 @@ RULES: dict[str, tuple[typing.Callable[[Any], bool], str]] = {
     )},
     **{f"data.{domain}.size": _IMAGE_SIZE for domain in ("source", "target", "val")},
     "data.synthetic.size": _SYNTHETIC_SIZE,
-    **{f"data.synthetic.{name}": _POSITIVE for name in ("num_source", "num_target_train", "num_target_val")},
+    **{f"data.synthetic.{name}": _POSITIVE for name in ("num_source", "num_source_val", "num_target_train", "num_target_val")},
     "data.synthetic.style_strength": _within(0, 1),
     "data.num_workers": _at_least(0),
     "data.protocols": (

@@ -156,7 +156,6 @@ def main(argv: list[str] | None = None) -> int:
         return 0
 
     from cossim_fast import configs
-    from cossim_fast.data import generate_synthetic_uda
     from cossim_fast.training import load_config
 
     _check_options(parser, args)
@@ -165,10 +164,7 @@ def main(argv: list[str] | None = None) -> int:
     base = load_config(configs.resolve(args.config), common)  # a ConfigError now, not in every run
     synthetic = base.data.synthetic
     print(f"generating the synthetic data under {synthetic.root} (skipped if present) ...", flush=True)
-    paths = generate_synthetic_uda(
-        synthetic.root, seed=synthetic.seed, num_source=synthetic.num_source, num_target_train=synthetic.num_target_train,
-        num_target_val=synthetic.num_target_val, size=tuple(synthetic.size), style_strength=synthetic.style_strength,
-    )
+    paths = synthetic.generate()
     output = Path(args.output)
     (output / "logs").mkdir(parents=True, exist_ok=True)
     jobs = [

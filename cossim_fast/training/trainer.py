@@ -16,7 +16,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import cossim_fast
-from cossim_fast.data import DATASETS, IGNORE_INDEX, NUM_CLASSES, DatasetError, generate_synthetic_uda
+from cossim_fast.data import DATASETS, IGNORE_INDEX, NUM_CLASSES, DatasetError
 from cossim_fast.evaluation import ConfusionMatrix
 from cossim_fast.models import build_model
 from cossim_fast.training import checkpoint, distributed, memory, reporting
@@ -200,13 +200,8 @@ class Trainer:
     # --- setup ----------------------------------------------------------------------------
 
     def _generate_synthetic_data(self) -> None:
-        synthetic = self.config.data.synthetic
         if self.context.is_main:
-            generate_synthetic_uda(
-                synthetic.root, seed=synthetic.seed, num_source=synthetic.num_source,
-                num_target_train=synthetic.num_target_train, num_target_val=synthetic.num_target_val,
-                size=tuple(synthetic.size), style_strength=synthetic.style_strength,
-            )
+            self.config.data.synthetic.generate()
         distributed.barrier(self.context)
 
     def _make_optimizer(self, model: nn.Module) -> torch.optim.Optimizer:

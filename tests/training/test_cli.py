@@ -32,9 +32,10 @@ def test_evaluate_takes_overrides_on_the_checkpoints_config(tiny_data, tmp_path,
 
 def test_generate_data(tmp_path, capsys):
     sets = _sets([f"data.synthetic.root={tmp_path}", "data.synthetic.num_source=2", "data.synthetic.num_target_train=2",
-                  "data.synthetic.num_target_val=2", "data.synthetic.size=[32, 16]"])
+                  "data.synthetic.num_target_val=2", "data.synthetic.size=[32, 16]", "data.synthetic.num_source_val=3"])
     assert cli.main(["generate-data", *sets]) == 0
     assert (tmp_path / "gta5" / "images").is_dir() and (tmp_path / "cityscapes" / "gtFine" / "val").is_dir()
+    assert len(list((tmp_path / "gta5_val" / "images").glob("*.png"))) == 3  # the held-out source set
 
 
 def test_bad_input_is_one_clear_line(tmp_path, capsys):
