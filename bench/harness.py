@@ -578,7 +578,9 @@ def timing_defaults(device: str) -> tuple[int, int]:
     rounds, warmup = (10, 3) if device == "cuda" else (3, 1)
     rounds = int(os.environ.get("COSSIM_BENCH_ROUNDS", rounds))
     warmup = int(os.environ.get("COSSIM_BENCH_WARMUP", warmup))
-    return max(1, rounds), max(0, warmup)
+    if rounds < 1 or warmup < 0:  # refused, as --rounds and --warmup are, not silently raised
+        raise ValueError(f"COSSIM_BENCH_ROUNDS must be >= 1 and COSSIM_BENCH_WARMUP >= 0, got {rounds} and {warmup}")
+    return rounds, warmup
 
 
 def repo_root() -> str:

@@ -142,6 +142,13 @@ def test_runner_refuses_a_count_out_of_range(tmp_path, capsys, monkeypatch, argu
     assert not (tmp_path / "out.json").exists()
 
 
+@pytest.mark.parametrize("name, value", [("COSSIM_BENCH_ROUNDS", "0"), ("COSSIM_BENCH_WARMUP", "-1")])
+def test_round_counts_from_the_environment_out_of_range_are_refused(monkeypatch, name, value):
+    monkeypatch.setenv(name, value)
+    with pytest.raises(ValueError, match=r"COSSIM_BENCH_ROUNDS must be >= 1 and COSSIM_BENCH_WARMUP >= 0"):
+        harness.timing_defaults("cpu")
+
+
 def test_cpu_memory_probe_runs_with_the_value_checks_of_the_run():
     # The probe's child is a fresh process: it must be told, or it measures with the checks off
     # while the record says value_checks true (bench.run --check-values, --bench-check-values).

@@ -138,3 +138,17 @@ def test_op_demo_says_when_every_backend_failed(monkeypatch, capsys):
     captured = capsys.readouterr()
     assert "boom" in captured.out
     assert captured.err.strip() == "cossim-fast op-demo: error: every backend failed (their errors are above)"
+
+
+def test_op_demo_names_the_backend_it_compares_with_when_reference_failed(monkeypatch, capsys):
+    def run(command, **kwargs):
+        if command[-1] == "reference":
+            return subprocess.CompletedProcess(command, 1, stdout="", stderr="out of memory")
+        return _in_process(command, **kwargs)
+
+    monkeypatch.setattr(op_demo.subprocess, "run", run)
+    monkeypatch.setattr(op_demo.cossim_fast, "available_backends", lambda device: ["reference", "torch"])
+    small = ["--rows", "12", "--batch", "3", "--classes", "3", "--slots", "4", "--dim", "8", "--device", "cpu"]
+    assert cli.main(["op-demo", *small]) == 0
+    out = capsys.readouterr().out
+    assert "memory vs torch" in out and "largest loss difference from torch" in out and "vs reference" not in out
