@@ -220,6 +220,15 @@ def check_bank_norms(bank: Tensor, counts: Tensor) -> None:
         )
 
 
+def check_order_values(order: Tensor, rows: int) -> None:
+    """A visiting order holds row indices in ``[0, rows)`` (a kernel would skip the others, the
+    torch path would wrap a negative one)."""
+    bad = (order < 0) | (order >= rows)
+    if bad.any():
+        index = _first_bad(bad)
+        raise ValueError(f"order must hold row indices in [0, {rows}), got {int(order.reshape(-1)[index])} at position {index}")
+
+
 def check_label_values(labels: Tensor, num_classes: int, ignore_index: int) -> None:
     bad = (labels != ignore_index) & ((labels < 0) | (labels >= num_classes))
     if bad.any():

@@ -49,6 +49,7 @@ def _(bank, counts, ptr, features, labels, ignore_index):
 def max_cosine_forward(
     features: Tensor, labels: Tensor, bank: Tensor, counts: Tensor, ignore_index: int, backend: str, check_values: bool
 ) -> tuple[Tensor, Tensor]:
+    inputs.check_ignore_index(ignore_index, bank.shape[0])  # free: a number, not data
     if check_values:
         _check(features, labels, bank, counts, ignore_index)
         inputs.check_bank_norms(bank, counts)
@@ -88,6 +89,7 @@ def thresholded_cosine_forward(
     backend: str,
     check_values: bool,
 ) -> tuple[Tensor, Tensor, Tensor]:
+    inputs.check_ignore_index(ignore_index, bank.shape[0])  # free: a number, not data
     if check_values:
         _check(features, labels, bank, counts, ignore_index)
         inputs.check_bank_norms(bank, counts)
@@ -140,8 +142,11 @@ def update_dictionary(
     backend: str,
     check_values: bool,
 ) -> None:
+    inputs.check_ignore_index(ignore_index, bank.shape[0])  # free: a number, not data
     if check_values:
         check_update_values(bank, counts, ptr, features, labels, ignore_index)
+        if order is not None:
+            inputs.check_order_values(order, labels.numel())
     chosen = dispatch.select("update", backend, bank.device, bank.dtype, features.dtype, dim=bank.shape[2], rows=labels.numel())
     with _exact(bank.device):
         chosen.update(bank, counts, ptr, features, labels, order, denom, max_per_class, ignore_index)
