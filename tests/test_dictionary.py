@@ -226,3 +226,50 @@ def test_a_strided_bank_loaded_with_assign_is_updated_like_a_dense_one(backend):
     dense.update(features, labels, backend=backend)
     loaded.update(features, labels, backend=backend)
     assert torch.equal(loaded.bank, dense.bank) and torch.equal(loaded.counts, dense.counts)
+
+
+def _saved_state(**changes):
+    dictionary = cossim_fast.FeatureDictionary(3, 4, 5)
+    features, labels = make_rows(10, 5, 3)
+    dictionary.update(features, labels)  # counts and ptr are non-zero, some classes wrapped
+    state = {name: tensor.clone() for name, tensor in dictionary.state_dict().items()}
+    state.update(changes)
+    return state
+
+
+@pytest.mark.parametrize(
+    "changes, error, match",
+    [
+        (dict(counts=torch.tensor([1, 0, 0]), ptr=torch.tensor([3, 0, 0])), ValueError,
+         r"class 0 has counts 1 < 4 slots but ptr 3"),
+        (dict(counts=torch.tensor([2.7, 0.0, 0.0])), TypeError, "counts in the state dict must have an integer dtype, got torch.float32"),
+        (dict(counts=torch.tensor([9, 0, 0])), ValueError, r"counts in the state dict must be in \[0, 4\], got 9 for class 0"),
+        (dict(ptr=torch.tensor([0, -1, 0])), ValueError, r"ptr in the state dict must be in \[0, 3\], got -1 for class 1"),
+        (dict(bank=torch.zeros(3, 4, 5, dtype=torch.bfloat16)), ValueError,
+         r"bank in the state dict is torch.bfloat16, this dictionary stores torch.float32"),
+    ],
+)
+@pytest.mark.parametrize("assign", [False, True])
+def test_a_state_no_update_could_produce_is_refused_on_load(changes, error, match, assign):
+    dictionary = cossim_fast.FeatureDictionary(3, 4, 5)
+    before = {name: tensor.clone() for name, tensor in dictionary.state_dict().items()}
+    with pytest.raises(error, match=match):
+        dictionary.load_state_dict(_saved_state(**changes), assign=assign)
+    for name, tensor in dictionary.state_dict().items():
+        assert torch.equal(tensor, before[name]) and tensor.dtype == before[name].dtype, name
+
+
+def test_int32_counters_load_as_int64():
+    state = _saved_state()
+    expected = {name: tensor.clone() for name, tensor in state.items()}
+    state["counts"], state["ptr"] = state["counts"].int(), state["ptr"].int()
+    for assign in (False, True):
+        dictionary = cossim_fast.FeatureDictionary(3, 4, 5)
+        dictionary.load_state_dict({name: tensor.clone() for name, tensor in state.items()}, assign=assign)
+        for name, tensor in dictionary.state_dict().items():
+            assert tensor.dtype == expected[name].dtype and torch.equal(tensor, expected[name]), (name, assign)
+
+
+def test_a_dictionary_of_another_size_gets_torchs_size_mismatch():
+    with pytest.raises(RuntimeError, match="size mismatch for bank"):
+        cossim_fast.FeatureDictionary(3, 6, 5).load_state_dict(_saved_state())

@@ -40,13 +40,43 @@ def _positive_int(name: str, value: object) -> int:
     return value
 
 
-def _contiguous_buffers(dictionary: nn.Module, incompatible_keys: object) -> None:
-    """``load_state_dict(..., assign=True)`` may bring strided buffers; the in-place writes and
-    the kernels take the dense layout of a freshly built dictionary."""
+def _dense_int64_buffers(dictionary: nn.Module, incompatible_keys: object) -> None:
+    """``load_state_dict(..., assign=True)`` may bring strided buffers or int32 counters; the
+    in-place writes and the kernels take the dense int64 layout of a freshly built dictionary."""
     for name in ("bank", "counts", "ptr"):
         buffer = getattr(dictionary, name)
+        if name != "bank":
+            buffer = buffer.to(torch.int64)
         if not buffer.is_contiguous():
-            setattr(dictionary, name, buffer.contiguous())
+            buffer = buffer.contiguous()
+        setattr(dictionary, name, buffer)
+
+
+def check_loaded_state(bank: Tensor, counts: Tensor, ptr: Tensor, expected_dtype: torch.dtype) -> None:
+    """A state that no sequence of updates produces would be written and read wrongly (a slot
+    past ``counts`` written, a stale one read), so it is refused when loaded.
+
+    Every update moves ``ptr`` and ``counts`` by the same number of rows from 0, so while a
+    class's ring is not full its head is at its count.
+    """
+    if bank.dtype != expected_dtype:
+        raise ValueError(
+            f"bank in the state dict is {bank.dtype}, this dictionary stores {expected_dtype}: build the "
+            f"FeatureDictionary with dtype={bank.dtype}, or convert the saved bank first"
+        )
+    for name, values in (("counts", counts), ("ptr", ptr)):
+        if values.is_floating_point() or values.is_complex() or values.dtype == torch.bool:
+            raise TypeError(f"{name} in the state dict must have an integer dtype, got {values.dtype}")
+    slots = bank.shape[1]
+    inputs.check_slot_values("counts in the state dict", counts, 0, slots)
+    inputs.check_slot_values("ptr in the state dict", ptr, 0, slots - 1)
+    torn = (counts < slots) & (ptr != counts)
+    if torn.any():
+        k = int(torn.nonzero()[0, 0])
+        raise ValueError(
+            f"the state dict's class {k} has counts {int(counts[k])} < {slots} slots but ptr {int(ptr[k])}: "
+            f"a ring that is not full has its head at its count (the state is corrupt or hand-made)"
+        )
 
 
 class FeatureDictionary(nn.Module):
@@ -81,7 +111,7 @@ class FeatureDictionary(nn.Module):
         self.register_buffer("bank", torch.zeros(num_classes, slots_per_class, dim, device=device, dtype=dtype))
         self.register_buffer("counts", torch.zeros(num_classes, dtype=torch.int64, device=device))
         self.register_buffer("ptr", torch.zeros(num_classes, dtype=torch.int64, device=device))
-        self.register_load_state_dict_post_hook(_contiguous_buffers)
+        self.register_load_state_dict_post_hook(_dense_int64_buffers)
 
     @property
     def num_classes(self) -> int:
@@ -97,6 +127,13 @@ class FeatureDictionary(nn.Module):
 
     def extra_repr(self) -> str:
         return f"num_classes={self.num_classes}, slots_per_class={self.slots_per_class}, dim={self.dim}, dtype={self.bank.dtype}"
+
+    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs):
+        saved = [state_dict.get(prefix + name) for name in ("bank", "counts", "ptr")]
+        shapes_match = all(isinstance(t, Tensor) and t.shape == getattr(self, n).shape for t, n in zip(saved, ("bank", "counts", "ptr")))
+        if shapes_match:  # otherwise torch's size-mismatch error names the key
+            check_loaded_state(*saved, expected_dtype=self.bank.dtype)
+        super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs)
 
     @torch.no_grad()
     def update(
