@@ -37,6 +37,23 @@ def test_a_similarity_equal_to_the_threshold_is_not_selected(mode, backend, dtyp
     torch.testing.assert_close(class_mean.float(), torch.tensor(1 - above), atol=2e-3, rtol=0)
 
 
+@pytest.mark.parametrize("tau", [0.1, 0.3, 0.7])
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("mode", ["max", "all"])
+def test_a_float32_similarity_is_compared_with_tau_itself_not_its_rounding(mode, backend, tau):
+    # S = float32(tau) exactly (e0 against a slot whose first entry is float32(tau)). float32(0.1)
+    # and float32(0.3) lie above tau: selected by the strict test. float32(0.7) lies below: not.
+    s = float(torch.tensor(tau, dtype=torch.float32))
+    bank = torch.zeros(1, 1, 2)
+    bank[0, 0, 0], bank[0, 0, 1] = s, (1 - s * s) ** 0.5
+    features, labels, counts = torch.tensor([[1.0, 0.0]]), torch.tensor([0]), torch.tensor([1])
+    values, _ = cossim_fast.max_cosine_similarity(features, labels, bank, counts, backend=backend)
+    assert values.item() == s
+    loss = cossim_fast.cosine_similarity_loss(features, labels, bank, counts, tau, mode=mode, backend=backend)
+    expected = 1 - s if s > tau else 0.0
+    torch.testing.assert_close(loss, torch.tensor(expected), atol=1e-7, rtol=0)
+
+
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("mode", ["max", "all"])
 def test_a_row_of_zeros_has_similarity_zero_and_a_finite_gradient(mode, backend):

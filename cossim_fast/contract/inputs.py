@@ -12,6 +12,7 @@ import warnings
 from dataclasses import dataclass
 from numbers import Real
 
+import numpy as np
 import torch
 from torch import Tensor
 
@@ -157,6 +158,17 @@ def check_threshold(threshold: object) -> float:
     if threshold != threshold:
         raise ValueError("threshold must not be NaN")
     return threshold
+
+
+def float32_threshold(threshold: float) -> float:
+    """The largest float32 not above ``threshold``: for every float32 similarity ``s``,
+    ``s > float32_threshold(tau)`` is exactly ``s > tau`` (METHOD.md 4's strict test), while
+    comparing a float32 tensor with ``tau`` itself rounds ``tau`` to the nearest float32, which
+    drops ``s = float32(0.1)`` at ``tau = 0.1``."""
+    rounded = np.float32(threshold)
+    if float(rounded) > threshold:
+        rounded = np.nextafter(rounded, np.float32(-np.inf))
+    return float(rounded)
 
 
 def warn_if_threshold_selects_nothing(threshold: float) -> None:

@@ -6,6 +6,7 @@ import torch
 from torch import Tensor
 
 from cossim_fast.backends import dispatch
+from cossim_fast.backends.reference import accumulation_dtype
 from cossim_fast.contract import inputs
 from cossim_fast.ops.functions import MaxCosineSimilarity, ThresholdedCosineSum
 
@@ -32,8 +33,8 @@ def max_cosine_similarity(
 
     ``features`` is ``N x C`` (labels ``N``) or ``B x C x H x W`` (labels ``B x H x W``); ``bank``
     is ``K x M x C`` with unit-norm rows and ``counts[k]`` valid slots. Returns ``values`` (fp32,
-    ``-inf`` for ignored rows and empty buckets) and ``indices`` (the winning slot, lowest on
-    ties, or -1), both shaped like ``labels``. Differentiable with respect to ``features``.
+    fp64 for fp64 features, which are for testing; ``-inf`` for ignored rows and empty buckets)
+    and ``indices`` (the winning slot, lowest on ties, or -1), both shaped like ``labels``. Differentiable with respect to ``features``.
     """
     rows, bank, counts, check = _prepare(features, labels, bank, counts, ignore_index, backend, check_values)
     values, indices = MaxCosineSimilarity.apply(rows.features, rows.labels, bank, counts, ignore_index, backend, check)
@@ -57,6 +58,8 @@ def loss_terms(
     inputs.check_choice("mode", mode, inputs.MODES)
     threshold = inputs.check_threshold(threshold)
     rows, bank, counts, check = _prepare(features, labels, bank, counts, ignore_index, backend, check_values)
+    if accumulation_dtype(rows.features.dtype) == torch.float32:  # every backend compares float32 similarities
+        threshold = inputs.float32_threshold(threshold)
     if mode == "max":
         values, _ = MaxCosineSimilarity.apply(rows.features, rows.labels, bank, counts, ignore_index, backend, check)
         chosen = values > threshold
@@ -97,7 +100,8 @@ def cosine_similarity_loss(
     reduction: str = "mean",
     check_values: bool | None = None,
 ) -> Tensor:
-    """The thresholded cosine-similarity loss of METHOD.md 4, a float32 scalar.
+    """The thresholded cosine-similarity loss of METHOD.md 4, a float32 scalar (float64 for float64
+    features, which are for testing).
 
     ``mode="max"``: ``mean(1 - values[i])`` over rows whose max similarity exceeds ``threshold``;
     ``mode="all"``: ``mean(1 - S[i, j])`` over every same-class pair above it.
