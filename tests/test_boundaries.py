@@ -97,3 +97,18 @@ def test_16bit_source_rows_are_normalized_in_fp32(dtype):
     exact = features.float()
     expected = (exact / torch.linalg.vector_norm(exact, dim=1, keepdim=True).clamp_min(1e-12)).to(dtype)
     assert torch.equal(dictionary.bank[0], expected)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_the_norm_floor_is_1e_12(backend):
+    # A row of norm 1e-9 is above the floor: normalized fully, it meets its parallel slot at 1.
+    # A zero row is below it: its gradient is d / eps (METHOD.md 3 with f^ = 0).
+    bank = torch.zeros(1, 2, 4)
+    bank[0, 0, 0], bank[0, 1, 1] = 1.0, 1.0
+    features = torch.tensor([[1e-9, 0.0, 0.0, 0.0], [0.0, 0.0, 0.0, 0.0]], requires_grad=True)
+    labels, counts = torch.tensor([0, 0]), torch.tensor([2])
+    values, indices = cossim_fast.max_cosine_similarity(features, labels, bank, counts, backend=backend)
+    torch.testing.assert_close(values[0], torch.tensor(1.0), atol=1e-6, rtol=0)
+    assert indices.tolist() == [0, 0]
+    (grad,) = torch.autograd.grad(values[1], features)
+    torch.testing.assert_close(grad[1], bank[0, 0] / 1e-12, rtol=1e-6, atol=0)
