@@ -232,7 +232,7 @@ def _update_both(bank, counts, ptr, features, labels, order, denom, cap):
 @pytest.mark.parametrize("bank_dtype", DTYPES)
 @pytest.mark.parametrize(
     "case",
-    ["fresh", "wrap_around", "more_rows_than_slots", "cap", "order", "strided_bf16_features"],
+    ["fresh", "wrap_around", "more_rows_than_slots", "cap", "order", "strided_bf16_features", "ptr_out_of_range"],
 )
 def test_update_is_bitwise_the_torch_update(case, bank_dtype, device):
     num_classes, slots, dim = 4, 9, 37
@@ -240,6 +240,8 @@ def test_update_is_bitwise_the_torch_update(case, bank_dtype, device):
     bank = torch.nn.functional.normalize(torch.randn(num_classes, slots, dim, generator=gen), dim=2).to(bank_dtype)
     counts = torch.tensor([0, 9, 4, 9])
     ptr = torch.tensor([0, 7, 4, 8]) if case != "fresh" else torch.zeros(4, dtype=torch.int64)
+    if case == "ptr_out_of_range":  # value checks off: both wrap the head, no class writes another's slots
+        ptr = torch.tensor([11, -1, 20, -10])
     num_rows = 60 if case in ("more_rows_than_slots", "cap", "order") else 23
     features = torch.randn(num_rows, dim, generator=gen) * 2
     if case == "strided_bf16_features":

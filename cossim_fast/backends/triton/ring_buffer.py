@@ -9,6 +9,7 @@ written is ``(features[row].float() / denom[row]).to(bank.dtype)``: an IEEE fp32
 
 from __future__ import annotations
 
+import torch
 import triton
 import triton.language as tl
 from torch import Tensor
@@ -93,7 +94,9 @@ def ring_buffer_update(
     _ring_buffer_kernel[grid](
         bank, *bank.stride(), num_classes, slots, dim,
         features, *features.stride(), features.shape[1],
-        denom, ptr, plan.taken, plan.first, plan.rows_by_class,
+        # The head wrapped as the torch path does: with the value checks off, a ptr outside
+        # [0, M) must not send a class's rows into another class's slots.
+        denom, torch.remainder(ptr, slots), plan.taken, plan.first, plan.rows_by_class,
         BLOCK_S=block_s, BLOCK_C=block_c, WIDE=needs_int64(features, [2]) or needs_int64(bank, [2]),
     )
     # Stream order: the kernel has read the old heads before they move.
