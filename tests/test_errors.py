@@ -51,6 +51,11 @@ def loss(threshold=0.5, **kwargs):
         (dict(features=FEATURES.clone().index_fill_(0, torch.tensor([4]), float("nan"))), ValueError, "features contain NaN or inf .first at row 4"),
         (dict(features=FEATURES.clone().index_fill_(0, torch.tensor([2]), float("inf"))), ValueError, "NaN or inf .first at row 2"),
         (dict(features=FEATURES.clone().index_fill_(0, torch.tensor([3]), float("-inf"))), ValueError, "NaN or inf .first at row 3"),
+        # Finite, but the fp32 norm of row 1 overflows (about 1.8e19 and up): its similarity would be 0 * inf.
+        (dict(features=FEATURES.clone().index_fill_(0, torch.tensor([1]), 1e19)), ValueError,
+         r"features row 1 has a norm that overflows float32 \(entries up to 1e\+19\)"),
+        (dict(features=FEATURES.to(torch.bfloat16).index_fill_(0, torch.tensor([5]), -3e38)), ValueError,
+         r"features row 5 has a norm that overflows float32"),
         (dict(bank=BANK * 3), ValueError, r"bank rows must have unit norm .*, got norm 3 at class 0, slot 0"),
         (dict(backend="fast"), ValueError, "backend must be one of"),
         (dict(ignore_index=255.0), TypeError, "ignore_index must be an int"),
@@ -201,3 +206,11 @@ def test_the_update_op_refuses_an_order_outside_the_rows():
         with pytest.raises(ValueError, match=rf"order must hold row indices in \[0, 6\), got {bad} at position 5"):
             torch.ops.cossim_fast.update_dictionary(bank, counts, ptr, FEATURES[None], LABELS, order, denom, -1, 255, "torch", True)
     assert torch.equal(bank, BANK) and torch.equal(counts, COUNTS)
+
+
+def test_a_large_row_whose_norm_fits_float32_passes_the_value_checks():
+    # 1e19 alone: the bound (entry x sqrt(C)) asks for the norms, which are finite (1e19).
+    features = torch.zeros(6, 5)
+    features[1, 0] = 1e19
+    values, _ = call(features=features, labels=torch.tensor([0, 0, 1, 255, 0, 1]))
+    torch.testing.assert_close(values[1], BANK[0, :4, 0].max(), atol=1e-6, rtol=0)

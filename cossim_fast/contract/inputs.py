@@ -7,6 +7,7 @@ registered ops (``torch.compile`` cannot branch on data) and can be switched off
 
 from __future__ import annotations
 
+import math
 import os
 import warnings
 from dataclasses import dataclass
@@ -202,16 +203,33 @@ def _first_bad(mask: Tensor) -> int:
     return int(mask.reshape(-1).nonzero()[0, 0])
 
 
+_FLOAT32_SQRT_MAX = math.sqrt(torch.finfo(torch.float32).max)
+
+
 def check_feature_values(features: Tensor) -> None:
     """Features must be finite (a NaN would poison the argmax and the dictionary).
 
     The largest and smallest values carry any NaN or inf and need no copy of the features (a
     float64 sum would cast all of them first, and could overflow on finite float64 values).
     """
-    if features.numel() and not (torch.isfinite(features.amax()) & torch.isfinite(features.amin())):
+    if not features.numel():
+        return
+    largest = float(torch.maximum(features.amax(), features.amin().neg()))  # NaN if any is; one sync
+    if not math.isfinite(largest):
         flat = features.reshape(-1, features.shape[-1])
         row = _first_bad(~torch.isfinite(flat).all(dim=1))
         raise ValueError(f"features contain NaN or inf (first at row {row}); pass check_values=False to skip this check")
+    # Every backend takes the row norm in fp32: past about 1.8e19 it is inf and the row's
+    # similarity 0 * inf. Only when the largest entry could get there are the norms taken.
+    if features.dtype != torch.float64 and largest * math.sqrt(features.shape[-1]) >= _FLOAT32_SQRT_MAX:
+        norms = torch.linalg.vector_norm(features.reshape(-1, features.shape[-1]), dim=1, dtype=torch.float32)
+        if not torch.isfinite(norms).all():
+            row = _first_bad(~torch.isfinite(norms))
+            raise ValueError(
+                f"features row {row} has a norm that overflows float32 (entries up to {largest:.3g}): scale the "
+                f"features down (the cosine similarity does not depend on their scale); pass check_values=False "
+                f"to skip this check"
+            )
 
 
 #: How far above 1 a stored row's norm may be (16-bit rounding of a unit row stays well within).
