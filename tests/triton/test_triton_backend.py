@@ -7,6 +7,10 @@ both the interpreter's and the GPU's default tile sizes (``tiles.py``; every can
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
+
 import pytest
 import torch
 
@@ -284,6 +288,23 @@ def test_unsupported_reasons(monkeypatch):
     assert "interpreter is off" in TRITON.unsupported_reasons("update", cpu, fp32)[0]
     if not torch.cuda.is_available():
         assert TRITON.unsupported_reasons("max_forward", torch.device("cuda"), fp32) == ["no CUDA device"]
+
+
+def test_a_spelling_of_triton_interpret_that_triton_reads_as_off_is_refused_not_crashed():
+    # "1 " was on to the backend and off to Triton: CPU tensors reached compiled kernels and died
+    # with "0 active drivers". Now the backend reads the flag from a decorated kernel.
+    script = (
+        "import warnings, torch, cossim_fast\n"
+        "bank = torch.nn.functional.normalize(torch.randn(2, 3, 8), dim=2)\n"
+        "with warnings.catch_warnings(record=True) as caught:\n"
+        "    warnings.simplefilter('always')\n"
+        "    cossim_fast.max_cosine_similarity(torch.randn(4, 8), torch.tensor([0, 1, 0, 1]), bank, torch.tensor([3, 3]), backend='triton')\n"
+        "print(any(\"Triton's interpreter is off\" in str(w.message) for w in caught))\n"
+    )
+    env = {**os.environ, "TRITON_INTERPRET": "1 "}
+    done = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert done.stdout.strip() == "True", done.stdout + done.stderr[-2000:]
 
 
 def test_a_gpu_without_the_shared_memory_of_the_16bit_tiles_is_refused(monkeypatch):

@@ -20,6 +20,7 @@ from collections.abc import Callable
 
 import torch
 from torch import Tensor
+from triton.runtime.interpreter import InterpretedFunction
 
 from cossim_fast.backends.base import Backend
 from cossim_fast.backends.schedule import group_by_class
@@ -31,8 +32,9 @@ from cossim_fast.backends.triton import (
     tiles,
 )
 
-#: Whether Triton's interpreter was on when the kernels were decorated (read once, at import).
-INTERPRET = os.environ.get("TRITON_INTERPRET", "0").strip().lower() in ("1", "true", "on", "yes")
+#: Whether Triton's interpreter was on when the kernels were decorated: read from a kernel, not
+#: the environment, whose spellings Triton parses its own way ("1 " is off to Triton).
+INTERPRET = isinstance(ring_buffer._ring_buffer_kernel, InterpretedFunction)
 
 SUPPORTED_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 FP32_PRECISIONS = ("ieee", "tf32", "tf32x3")
