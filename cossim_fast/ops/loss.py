@@ -8,6 +8,7 @@ from torch import Tensor
 from cossim_fast.backends import dispatch
 from cossim_fast.backends.reference import accumulation_dtype
 from cossim_fast.contract import inputs
+from cossim_fast.ops.distributed import sum_over_ranks
 from cossim_fast.ops.functions import MaxCosineSimilarity, ThresholdedCosineSum
 
 
@@ -72,19 +73,29 @@ def loss_terms(
     return count - ssum, count, rows.labels
 
 
-def reduce_terms(loss_sum: Tensor, selected: Tensor, labels: Tensor, num_classes: int, reduction: str) -> Tensor:
+def reduce_terms(
+    loss_sum: Tensor, selected: Tensor, labels: Tensor, num_classes: int, reduction: str, *, world: int = 1
+) -> Tensor:
     """``"mean"`` pools all selected terms; ``"class_mean"`` averages within each class first,
-    then over the classes with a selected term, so frequent classes cannot dominate."""
+    then over the classes with a selected term, so frequent classes cannot dominate.
+
+    ``world > 1`` (every rank calling, see ``cossim_fast.ops.distributed``): the counts are those
+    of all ranks and the result is scaled by ``world``, so that DDP's average of the ranks'
+    gradients is the gradient of the loss over all ranks' rows.
+    """
     inputs.check_choice("reduction", reduction, inputs.REDUCTIONS)
     if reduction == "mean":
-        return loss_sum.sum() / selected.sum().clamp(min=1)
+        loss = loss_sum.sum() / sum_over_ranks(selected.sum(), world).clamp(min=1)
+        return loss * world if world > 1 else loss
     in_range = (labels >= 0) & (labels < num_classes)
     key = torch.where(in_range, labels, num_classes)
     per_class_loss = loss_sum.new_zeros(num_classes + 1).scatter_add_(0, key, loss_sum)[:num_classes]
     per_class_selected = selected.new_zeros(num_classes + 1).scatter_add_(0, key, selected)[:num_classes]
+    per_class_selected = sum_over_ranks(per_class_selected, world)
     present = per_class_selected > 0
     class_loss = per_class_loss / per_class_selected.clamp(min=1)
-    return torch.where(present, class_loss, 0).sum() / present.sum().clamp(min=1)
+    loss = torch.where(present, class_loss, 0).sum() / present.sum().clamp(min=1)
+    return loss * world if world > 1 else loss
 
 
 def cosine_similarity_loss(

@@ -6,6 +6,7 @@ from torch import Tensor, nn
 
 from cossim_fast.backends import dispatch
 from cossim_fast.contract import inputs
+from cossim_fast.ops.distributed import distributed_world
 from cossim_fast.ops.loss import loss_terms, reduce_terms
 
 
@@ -16,6 +17,11 @@ class CosineSimilarityLoss(nn.Module):
     ``criterion(features, labels, dictionary)`` uses another. After each call,
     ``last_selected_fraction`` holds the fraction of non-ignored target rows whose terms passed
     the threshold (a tensor, so reading it costs no sync until you print it).
+
+    ``sync_distributed=True`` (under ``torch.distributed``, every rank calling in step): the loss
+    is normalized by the selected counts of all ranks and scaled by the world size, so DDP's
+    gradient average is the gradient of the loss over the global batch (one all-reduce of the
+    counts per call); by default each rank's loss is its own rows' mean, as in a plain DDP loss.
     """
 
     def __init__(
@@ -28,6 +34,7 @@ class CosineSimilarityLoss(nn.Module):
         ignore_index: int = 255,
         dictionary: nn.Module | None = None,
         check_values: bool | None = None,
+        sync_distributed: bool = False,
     ) -> None:
         super().__init__()
         self.threshold = inputs.check_threshold(threshold)
@@ -40,6 +47,9 @@ class CosineSimilarityLoss(nn.Module):
         self.dictionary = _check_dictionary(dictionary)
         inputs.value_checks_enabled(check_values)  # a bad value fails here, not at the first call
         self.check_values = check_values  # None: the global setting (set_value_checks)
+        if not isinstance(sync_distributed, bool):
+            raise TypeError(f"sync_distributed must be True or False, got {sync_distributed!r}")
+        self.sync_distributed = sync_distributed
         self.last_selected_fraction: Tensor | None = None
 
     def extra_repr(self) -> str:
@@ -55,7 +65,10 @@ class CosineSimilarityLoss(nn.Module):
         )
         rows_used = (flat_labels != self.ignore_index).sum().clamp(min=1)
         self.last_selected_fraction = ((selected > 0).sum() / rows_used).detach()
-        return reduce_terms(loss_sum, selected, flat_labels, dictionary.bank.shape[0], self.reduction)
+        return reduce_terms(
+            loss_sum, selected, flat_labels, dictionary.bank.shape[0], self.reduction,
+            world=distributed_world(self.sync_distributed),
+        )
 
 
 def _check_dictionary(dictionary: object) -> nn.Module | None:

@@ -16,27 +16,33 @@ import torch.nn.functional as F
 from torch import Tensor
 from torch.utils.checkpoint import checkpoint
 
+from cossim_fast.ops.distributed import sum_over_ranks
 
-def upsampled_cross_entropy(logits: Tensor, labels: Tensor, *, ignore_index: int, bands: int = 1) -> Tensor:
+
+def upsampled_cross_entropy(logits: Tensor, labels: Tensor, *, ignore_index: int, bands: int = 1, world: int = 1) -> Tensor:
     """Mean cross-entropy of ``logits`` (B, K, h, w) upsampled bilinearly (``align_corners=False``)
     to ``labels`` (B, H, W), over the pixels not labelled ``ignore_index``; 0, with zero gradients,
     if there are none (``F.cross_entropy`` gives NaN there, whose gradient would ruin the weights).
     ``bands = 1`` is ``F.interpolate`` then ``F.cross_entropy``'s sum over the labelled count;
-    more bands give the same value up to float rounding, with ``1/bands`` of its memory."""
+    more bands give the same value up to float rounding, with ``1/bands`` of its memory.
+    ``world > 1``: normalized by the labelled pixels of all ranks and scaled by ``world``
+    (``cossim_fast.ops.distributed``), so DDP optimizes the global batch's mean."""
     if bands < 1:
         raise ValueError(f"bands must be >= 1, got {bands}")
     height, width = labels.shape[-2:]
-    labelled = (labels != ignore_index).sum().clamp(min=1)  # on the device: no host sync
+    labelled = sum_over_ranks((labels != ignore_index).sum(), world).clamp(min=1)  # on the device: no host sync
     if bands == 1:
         upsampled = F.interpolate(logits, size=(height, width), mode="bilinear", align_corners=False)
-        return F.cross_entropy(upsampled.float(), labels, ignore_index=ignore_index, reduction="sum") / labelled
-    total = logits.new_zeros((), dtype=torch.float32)
-    edges = torch.linspace(0, height, min(bands, height) + 1).round().long().tolist()
-    for start, stop in zip(edges[:-1], edges[1:]):
-        total = total + checkpoint(
-            _band_loss_sum, logits, labels[:, start:stop], start, height, ignore_index, use_reentrant=False
-        )
-    return total / labelled
+        total = F.cross_entropy(upsampled.float(), labels, ignore_index=ignore_index, reduction="sum")
+    else:
+        total = logits.new_zeros((), dtype=torch.float32)
+        edges = torch.linspace(0, height, min(bands, height) + 1).round().long().tolist()
+        for start, stop in zip(edges[:-1], edges[1:]):
+            total = total + checkpoint(
+                _band_loss_sum, logits, labels[:, start:stop], start, height, ignore_index, use_reentrant=False
+            )
+    loss = total / labelled
+    return loss * world if world > 1 else loss
 
 
 def _band_loss_sum(logits: Tensor, labels: Tensor, start: int, height: int, ignore_index: int) -> Tensor:

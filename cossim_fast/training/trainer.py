@@ -187,6 +187,7 @@ class Trainer:
         self.criterion = cossim_fast.CosineSimilarityLoss(
             config.cosine.threshold, mode=config.cosine.mode, reduction=config.cosine.reduction,
             backend=config.cosine.backend, dictionary=self.dictionary,
+            sync_distributed=True,  # under DDP: the global batch's loss (cossim_fast/ops/distributed.py)
         )
         self.iteration = 0
         self.best_miou = -1.0
@@ -311,7 +312,9 @@ class Trainer:
         with self._gradient_sync(last and not needs_target):
             with self._autocast():
                 out = self.net(images)
-                ce = upsampled_cross_entropy(out.logits, labels, ignore_index=IGNORE_INDEX, bands=config.train.ce_bands)
+                ce = upsampled_cross_entropy(
+                    out.logits, labels, ignore_index=IGNORE_INDEX, bands=config.train.ce_bands, world=self.context.world
+                )
             self._backward(ce)
         stats = {"loss_ce": ce}
         check = iteration % config.train.check_values_every == 0

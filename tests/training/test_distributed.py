@@ -42,7 +42,8 @@ result = trainer.train()
 rank = dist.get_rank() if dist.is_initialized() else 0
 torch.save({"bank": trainer.dictionary.bank, "counts": trainer.dictionary.counts,
             "model": trainer.model.state_dict(), "pixels": result["pixels"], "allreduced_buckets": allreduces,
-            "logged_ce": torch.tensor([row["loss_ce"] for row in trainer.history if "loss_ce" in row])},
+            "logged_ce": torch.tensor([row["loss_ce"] for row in trainer.history if "loss_ce" in row]),
+            "logged_cos": torch.tensor([row["loss_cos"] for row in trainer.history if "loss_cos" in row])},
            f"{out}.rank{rank}.pt")
 """ + EXIT_WITHOUT_FINALIZATION
 
@@ -66,14 +67,16 @@ def _run(tmp_path, overrides, processes):
 
 
 def test_two_ranks_match_one_process_on_the_combined_batch(tiny_data, tmp_path, capsys):
-    # BN frozen (per-rank batch statistics would differ from the combined batch's) and the
-    # cosine term kept at weight 0 after the dictionary updates (per-rank means of a
-    # thresholded selection are not the global mean); the dictionary is what DDP must sync.
-    common = ["model.freeze_bn=true", "cosine.warmup_iters=1000", "train.iterations=3", "train.eval_every=3"]
+    # BN frozen (per-rank batch statistics would differ from the combined batch's) and no
+    # pseudo-label class cap (it caps each rank's batch). The losses are normalized by the
+    # counts of both ranks: a mean of per-rank means (of a thresholded selection, of the
+    # labelled pixels) would not be the combined batch's mean.
+    common = ["model.freeze_bn=true", "cosine.class_cap=null", "cosine.weight=1.0", "cosine.reduction=mean",
+              "train.iterations=3", "train.eval_every=3", "train.log_every=1"]
     ddp_overrides = tiny_overrides(tiny_data, tmp_path / "ddp", *common)
     two = _run(tmp_path, ddp_overrides, 2)
     one = _run(tmp_path, tiny_overrides(tiny_data, tmp_path / "single", *common, "train.batch_size_source=4", "train.batch_size_target=4"), 1)
-    assert two[0]["counts"].sum() > 0  # the bank fills during the loss's warm-up
+    assert two[0]["counts"].sum() > 0
     assert torch.equal(two[0]["bank"], two[1]["bank"]) and torch.equal(two[0]["counts"], two[1]["counts"])
     assert torch.equal(two[0]["counts"], one[0]["counts"])
     torch.testing.assert_close(two[0]["bank"], one[0]["bank"], atol=1e-5, rtol=0)
@@ -81,8 +84,11 @@ def test_two_ranks_match_one_process_on_the_combined_batch(tiny_data, tmp_path, 
         torch.testing.assert_close(two[0]["model"][name], value, atol=1e-5, rtol=1e-4, msg=name)
     # Evaluation shards the val images without duplicates: both score the same pixels.
     assert two[0]["pixels"] == one[0]["pixels"]
-    # Logged losses are the ranks' mean, the same on every rank (rank 0's alone before).
-    assert len(two[0]["logged_ce"]) > 0 and torch.equal(two[0]["logged_ce"], two[1]["logged_ce"])
+    # Logged losses are the ranks' mean, the same on every rank, and the combined batch's.
+    assert len(two[0]["logged_cos"]) == 3 and (two[0]["logged_cos"] > 0).all()
+    for name in ("logged_ce", "logged_cos"):
+        assert torch.equal(two[0][name], two[1][name])
+        torch.testing.assert_close(two[0][name], one[0][name], atol=1e-5, rtol=1e-4, msg=name)
     # Resuming the two-process run in one process: batch sizes are per process, so it says so.
     from cossim_fast.training import Trainer, load_config
 
