@@ -70,6 +70,15 @@ def mean_over_ranks(tensor: torch.Tensor, context: Context | None) -> torch.Tens
     return total / context.world
 
 
+def stack_over_ranks(tensor: torch.Tensor, context: Context | None) -> torch.Tensor:
+    """Every rank's ``tensor``, stacked in rank order (a leading dimension of 1 with one rank)."""
+    if context is None or context.world == 1:
+        return tensor.unsqueeze(0)
+    parts = [torch.empty_like(tensor) for _ in range(context.world)]
+    dist.all_gather(parts, tensor.contiguous())
+    return torch.stack(parts)
+
+
 def shutdown(context: Context) -> None:
     """Destroy the process group at the end of a run, as torch asks (pending work finishes)."""
     if context.world > 1 and dist.is_initialized():

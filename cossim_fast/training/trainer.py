@@ -132,14 +132,20 @@ class StepStats:
         return result
 
     def state_dict(self, context: distributed.Context | None = None) -> dict[str, Any]:
-        """The sums not yet logged, averaged over the ranks (call it on every rank): a resumed
-        run restores them on each rank, and the mean over ranks of ``restored + new`` is the
-        mean an uninterrupted run logs."""
-        sums = {name: distributed.mean_over_ranks(self.sums[name], context).cpu() for name in sorted(self.sums)}
-        return {"sums": sums, "counts": dict(self.counts)}
+        """The sums not yet logged, of every rank (call it on every rank): a resumed run with
+        as many ranks restores each rank's own, so the next row rounds as an uninterrupted run's."""
+        sums = {name: distributed.stack_over_ranks(self.sums[name], context).cpu() for name in sorted(self.sums)}
+        return {"sums_per_rank": sums, "counts": dict(self.counts)}
 
-    def load_state_dict(self, state: dict[str, Any], device: torch.device) -> None:
-        self.sums = {name: value.to(device) for name, value in state["sums"].items()}
+    def load_state_dict(self, state: dict[str, Any], device: torch.device, rank: int = 0, world: int = 1) -> None:
+        """Each rank's own sums; with another number of ranks (or a checkpoint that kept only
+        their mean), the mean of them, whose mean over the ranks is the same up to rounding."""
+        if "sums_per_rank" in state:
+            per_rank = state["sums_per_rank"]
+            sums = {name: v[rank] if v.shape[0] == world else v.mean(dim=0) for name, v in per_rank.items()}
+        else:
+            sums = state["sums"]
+        self.sums = {name: value.to(device) for name, value in sums.items()}
         self.counts = dict(state["counts"])
 
 
@@ -237,7 +243,7 @@ class Trainer:
         self.best_miou = state["best_miou"]
         self.history = [json.loads(line) for line in state["history"]]
         if "pending_stats" in state:  # absent from checkpoints of older versions: the next row averages fewer steps
-            self.stats.load_state_dict(state["pending_stats"], self.device)
+            self.stats.load_state_dict(state["pending_stats"], self.device, self.context.rank, self.context.world)
         checkpoint.set_rng_state(state["rng"])
         if self.context.is_main:
             print(f"resumed from {path} at iteration {self.iteration}")
@@ -268,7 +274,7 @@ class Trainer:
             group.update((key, value) for key, value in new.items() if key != "params")
 
     def save_checkpoint(self, name: str) -> None:
-        """Call it on every rank: the unlogged step statistics are averaged over the ranks."""
+        """Call it on every rank: the unlogged step statistics of every rank are gathered."""
         pending_stats = self.stats.state_dict(self.context)
         if not self.context.is_main:
             return
