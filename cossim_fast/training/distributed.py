@@ -70,6 +70,20 @@ def mean_over_ranks(tensor: torch.Tensor, context: Context | None) -> torch.Tens
     return total / context.world
 
 
+def check_same_on_all_ranks(what: str, value: str, context: Context) -> None:
+    """Raise on every rank (no rank left waiting in a collective) unless all ranks see ``value``."""
+    if context.world == 1:
+        return
+    seen: list[str] = [""] * context.world
+    dist.all_gather_object(seen, value)
+    if len(set(seen)) > 1:
+        views = "; ".join(f"rank {rank}: {view}" for rank, view in enumerate(seen))
+        raise ConfigError(
+            f"the ranks disagree on the {what} ({views}): on several machines the output_dir and "
+            f"checkpoints must be on a filesystem every rank reads"
+        )
+
+
 def stack_over_ranks(tensor: torch.Tensor, context: Context | None) -> torch.Tensor:
     """Every rank's ``tensor``, stacked in rank order (a leading dimension of 1 with one rank)."""
     if context is None or context.world == 1:

@@ -108,6 +108,10 @@ def poly_factor(config: Config, iteration: int) -> float:
     return (1.0 - iteration / config.train.iterations) ** config.optim.poly_power
 
 
+def _found(path: Path) -> str:
+    return "found" if path.is_file() else "missing"
+
+
 @dataclass
 class StepStats:
     """Per-iteration quantities summed on the device and read only at log time."""
@@ -163,6 +167,9 @@ class Trainer:
         torch.manual_seed(config.seed)
 
         resume_from = self._resume_path(resume)
+        distributed.check_same_on_all_ranks(
+            "checkpoint to resume from", "none" if resume_from is None else f"{resume_from} ({_found(resume_from)})", self.context
+        )
         check_paths(config, resume_from)
         if config.data.synthetic.enabled:
             self._generate_synthetic_data()

@@ -33,6 +33,8 @@ from cossim_fast.training import Trainer, load_config
 overrides, out = json.loads(sys.argv[1]), sys.argv[2]
 until = int(sys.argv[3]) if len(sys.argv) > 3 and sys.argv[3] != "end" else None  # stop there, as a killed run would
 resume = sys.argv[4] if len(sys.argv) > 4 else None
+if resume == "auto-on-rank-0":  # as if the other ranks could not see rank 0's checkpoints
+    resume = "auto" if os.environ["RANK"] == "0" else None
 trainer = Trainer(load_config(None, overrides), resume=resume, progress=False)
 allreduces = []
 if dist.is_initialized():  # record the bucket of every gradient all-reduce
@@ -112,6 +114,18 @@ def test_a_two_rank_resume_between_logged_rows_logs_what_an_uninterrupted_run_lo
         assert resumed[rank]["history"] == straight[rank]["history"], rank
         for name, value in straight[rank]["model"].items():
             assert torch.equal(resumed[rank]["model"][name], value), name
+
+
+def test_ranks_that_disagree_on_the_checkpoint_stop_with_an_error_on_every_rank(tiny_data, tmp_path):
+    # On several machines without a shared output_dir rank 0 would resume while the others
+    # started afresh: a hang, or ranks training different runs.
+    overrides = tiny_overrides(tiny_data, tmp_path / "run", "train.iterations=2")
+    _run(tmp_path, overrides, 2, "1")
+    with pytest.raises(AssertionError) as failed:
+        _run(tmp_path, overrides, 2, "end", "auto-on-rank-0")
+    message = str(failed.value)
+    assert "the ranks disagree on the checkpoint to resume from" in message
+    assert "(found); rank 1: none" in message
 
 
 @pytest.mark.parametrize("checkpointing", [False, True])
