@@ -7,7 +7,6 @@ import torch
 
 import cossim_fast
 from cases import DTYPES, IGNORE, VALUE_ATOL, assert_close_gradient, fused_backends, make_bank, make_rows
-from cossim_fast.backends.reference import dense_similarity
 
 BACKENDS = fused_backends("cpu")
 MODES = ["max", "all"]
@@ -15,20 +14,27 @@ REDUCTIONS = ["mean", "class_mean"]
 
 
 def by_hand(features, labels, bank, counts, threshold, mode, reduction):
-    """METHOD.md 4 written out from the dense similarity matrix, one class at a time."""
-    sim = dense_similarity(features.double(), labels, bank.double(), counts, IGNORE)
-    if mode == "max":
-        sim = sim.max(dim=1).values[:, None]
-    selected = sim > threshold
-    terms = torch.where(selected, 1 - sim, 0)
+    """METHOD.md 4 written out from the definitions, a row at a time in float64 (independent of
+    every backend, the reference's similarity matrix included)."""
+    row_sums, row_counts = [], []
+    for row, k in zip(features.double(), labels.tolist()):
+        if k == IGNORE or counts[k] == 0:
+            row_sums.append(0.0), row_counts.append(0)
+            continue
+        sims = bank[k, : counts[k]].double() @ (row / max(row.norm().item(), 1e-12))
+        if mode == "max":
+            sims = sims.max()[None]
+        chosen = sims[sims > threshold]
+        row_sums.append((1 - chosen).sum().item()), row_counts.append(chosen.numel())
     if reduction == "mean":
-        return terms.sum() / selected.sum().clamp(min=1)
+        return torch.tensor(sum(row_sums) / max(sum(row_counts), 1), dtype=torch.float64)
     class_losses = []
     for k in range(bank.shape[0]):
-        rows = labels == k
-        if selected[rows].sum() > 0:
-            class_losses.append(terms[rows].sum() / selected[rows].sum())
-    return torch.stack(class_losses).mean() if class_losses else torch.zeros((), dtype=torch.float64)
+        in_class = [i for i, label in enumerate(labels.tolist()) if label == k]
+        selected = sum(row_counts[i] for i in in_class)
+        if selected:
+            class_losses.append(sum(row_sums[i] for i in in_class) / selected)
+    return torch.tensor(sum(class_losses) / len(class_losses) if class_losses else 0.0, dtype=torch.float64)
 
 
 @pytest.mark.parametrize("backend", ["reference", *BACKENDS])
