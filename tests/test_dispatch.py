@@ -162,8 +162,12 @@ def test_auto_left_with_torch_on_a_gpu_warns_once_and_strict_mode_allows_it(fake
     with pytest.warns(RuntimeWarning, match="triton cannot.*\n.*cuda cannot|cuda cannot.*\n.*triton cannot"):
         assert dispatch.select("max_forward", "auto", cuda, torch.bfloat16, dim=256, rows=16384).name == "torch"
     with warnings.catch_warnings():
-        warnings.simplefilter("error")  # once per (op, request, choice)
+        warnings.simplefilter("error")  # once per message
         assert dispatch.select("max_forward", "auto", cuda, torch.bfloat16, dim=256, rows=16384).name == "torch"
+    # Another reason for the same fallback is news: a dtype the first call did not have.
+    monkeypatch.setattr(dispatch, "unsupported_reasons", lambda name, *args: [] if name == "torch" else [f"{name} refuses fp16"])
+    with pytest.warns(RuntimeWarning, match="refuses fp16"):
+        assert dispatch.select("max_forward", "auto", cuda, torch.float16, dim=256, rows=16384).name == "torch"
 
 
 def test_available_backends_counts_a_backend_that_runs_on_any_device(monkeypatch):

@@ -1,7 +1,7 @@
 """Backend selection: explicit argument, then ``COSSIM_FAST_BACKEND``, then auto.
 
 Each backend states why it cannot run an input (xformers' "not supported reasons"); when the
-chooser falls back it warns once with those reasons, and in strict mode it raises them instead.
+chooser falls back it warns once per distinct message with those reasons, and in strict mode it raises them instead.
 """
 
 from __future__ import annotations
@@ -33,7 +33,7 @@ _MODULES = {
 }
 
 _strict = os.environ.get("COSSIM_FAST_STRICT", "0") == "1"
-_warned: set[tuple[str, str, str]] = set()
+_warned: set[str] = set()  # the fallback messages already shown: each reason once, not each op once
 
 
 class BackendUnavailableError(RuntimeError):
@@ -129,9 +129,8 @@ def _fall_back(op, requested, chosen, reasons, device, dtypes) -> None:
     message = _describe(op, requested, reasons, device, dtypes) + f"\n  -> using '{chosen}'"
     if _strict and requested != "auto":
         raise BackendUnavailableError(message + " is refused: strict mode (COSSIM_FAST_STRICT=1) forbids fallback")
-    key = (op, requested, chosen)
-    if key not in _warned:
-        _warned.add(key)
+    if message not in _warned:
+        _warned.add(message)
         warnings.warn(message, RuntimeWarning, stacklevel=_caller_stacklevel())
 
 
