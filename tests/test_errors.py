@@ -192,19 +192,17 @@ def test_the_registered_ops_refuse_a_class_as_ignore_index():
     with pytest.raises(ValueError, match=match):
         ops.thresholded_cosine_forward(FEATURES[None], labels, BANK, COUNTS, 0.5, 0, "torch", False)
     bank, counts, ptr = BANK.clone(), COUNTS.clone(), torch.zeros(3, dtype=torch.long)
-    denom = torch.linalg.vector_norm(FEATURES, dim=1)[None]
     with pytest.raises(ValueError, match=match):
-        ops.update_dictionary(bank, counts, ptr, FEATURES[None], labels, None, denom, -1, 0, "torch", False)
+        ops.update_dictionary(bank, counts, ptr, FEATURES[None], labels, None, -1, 0, "torch", False)
     assert torch.equal(bank, BANK) and torch.equal(counts, COUNTS)
 
 
 def test_the_update_op_refuses_an_order_outside_the_rows():
     bank, counts, ptr = BANK.clone(), COUNTS.clone(), torch.zeros(3, dtype=torch.long)
-    denom = torch.linalg.vector_norm(FEATURES, dim=1)[None]
     for bad in (-1, 6):
         order = torch.tensor([0, 1, 2, 3, 4, bad])
         with pytest.raises(ValueError, match=rf"order must hold row indices in \[0, 6\), got {bad} at position 5"):
-            torch.ops.cossim_fast.update_dictionary(bank, counts, ptr, FEATURES[None], LABELS, order, denom, -1, 255, "torch", True)
+            torch.ops.cossim_fast.update_dictionary(bank, counts, ptr, FEATURES[None], LABELS, order, -1, 255, "torch", True)
     assert torch.equal(bank, BANK) and torch.equal(counts, COUNTS)
 
 

@@ -9,9 +9,8 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from cossim_fast.backends.numerics import EPS
 from cossim_fast.backends.rows import chunk_length, image_chunks, row_slice
-
-EPS = 1e-12
 
 
 def _row_gradient(grad, rows: Tensor, pulled: Tensor, sims: Tensor, acc: torch.dtype) -> Tensor:

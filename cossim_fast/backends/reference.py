@@ -12,14 +12,8 @@ from torch import Tensor
 
 from cossim_fast.backends import gradients
 from cossim_fast.backends.base import Backend
+from cossim_fast.backends.numerics import EPS, accumulation_dtype
 from cossim_fast.backends.ring_buffer import ring_buffer_update_torch
-
-EPS = 1e-12
-
-
-def accumulation_dtype(dtype: torch.dtype) -> torch.dtype:
-    """fp32 for fp32/bf16/fp16 features; fp64 stays fp64 (gradcheck)."""
-    return torch.float64 if dtype == torch.float64 else torch.float32
 
 
 def dense_similarity(features: Tensor, labels: Tensor, bank: Tensor, counts: Tensor, ignore_index: int) -> Tensor:

@@ -13,8 +13,26 @@ from typing import NamedTuple
 import torch
 from torch import Tensor
 
-from cossim_fast.backends.rows import chunk_length, gather_rows
+from cossim_fast.backends.numerics import EPS, accumulation_dtype
+from cossim_fast.backends.rows import chunk_length, gather_rows, image_chunks, row_slice
 from cossim_fast.backends.schedule import group_by_class
+
+
+def row_norms(source: Tensor) -> Tensor:
+    """``max(||f_i||, eps)`` per row of a ``(B, P, C)`` view (METHOD.md 5's denominator), in fp32
+    (fp64 for fp64 rows, which are for testing).
+
+    On the CPU a norm taken in fp32 of other dtypes casts the whole input first, so those rows
+    go a workspace-sized chunk at a time; CUDA reductions upcast as they read.
+    """
+    acc = accumulation_dtype(source.dtype)
+    if source.dtype == acc or source.is_cuda:
+        return torch.linalg.vector_norm(source, dim=2, dtype=acc).clamp_min(EPS).reshape(-1)
+    num_images, points, dim = source.shape
+    norms = torch.empty(num_images * points, dtype=torch.float32, device=source.device)
+    for start, stop in image_chunks(num_images, points, chunk_length(dim * 4)):
+        norms[start:stop] = torch.linalg.vector_norm(row_slice(source, start, stop), dim=1, dtype=torch.float32)
+    return norms.clamp_min_(EPS)
 
 
 def written_rows(counts_per_class: Tensor, first: Tensor, ptr: Tensor, slots: int) -> tuple[Tensor, Tensor]:

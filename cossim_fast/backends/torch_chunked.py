@@ -15,7 +15,7 @@ from torch import Tensor
 
 from cossim_fast.backends import gradients
 from cossim_fast.backends.base import Backend
-from cossim_fast.backends.reference import EPS, accumulation_dtype
+from cossim_fast.backends.numerics import EPS, accumulation_dtype
 from cossim_fast.backends.ring_buffer import ring_buffer_update_torch
 from cossim_fast.backends import rows as row_access
 from cossim_fast.backends.rows import chunk_length, gather_rows

@@ -6,29 +6,10 @@ import torch
 from torch import Tensor, nn
 
 from cossim_fast.backends import dispatch
-from cossim_fast.backends.reference import EPS, accumulation_dtype
-from cossim_fast.backends.rows import chunk_length, image_chunks, row_slice
 from cossim_fast.contract import inputs
 from cossim_fast.dictionary.distributed import gather_from_all_ranks, world_size
 from cossim_fast.ops import custom_ops  # also registers torch.ops.cossim_fast.update_dictionary
 from cossim_fast.ops.loss import cosine_similarity_loss, max_cosine_similarity
-
-
-def row_norms(source: Tensor) -> Tensor:
-    """``max(||f_i||, eps)`` per row of a ``(B, P, C)`` view (METHOD.md 5's denominator), in fp32
-    (fp64 for fp64 rows, which are for testing).
-
-    On the CPU a norm taken in fp32 of other dtypes casts the whole input first, so those rows
-    go a workspace-sized chunk at a time; CUDA reductions upcast as they read.
-    """
-    acc = accumulation_dtype(source.dtype)
-    if source.dtype == acc or source.is_cuda:
-        return torch.linalg.vector_norm(source, dim=2, dtype=acc).clamp_min(EPS).reshape(-1)
-    num_images, points, dim = source.shape
-    norms = torch.empty(num_images * points, dtype=torch.float32, device=source.device)
-    for start, stop in image_chunks(num_images, points, chunk_length(dim * 4)):
-        norms[start:stop] = torch.linalg.vector_norm(row_slice(source, start, stop), dim=1, dtype=torch.float32)
-    return norms.clamp_min_(EPS)
 
 
 _BANK_DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
@@ -186,7 +167,7 @@ class FeatureDictionary(nn.Module):
         self, source: Tensor, labels: Tensor, order: Tensor | None, cap: int, ignore_index: int, backend: str
     ) -> None:
         torch.ops.cossim_fast.update_dictionary(
-            self.bank, self.counts, self.ptr, source, labels, order, row_norms(source), cap, ignore_index, backend,
+            self.bank, self.counts, self.ptr, source, labels, order, cap, ignore_index, backend,
             False,  # checked by update
         )
 

@@ -13,7 +13,8 @@ import torch
 from torch import Tensor
 
 from cossim_fast.backends import dispatch
-from cossim_fast.backends.reference import accumulation_dtype
+from cossim_fast.backends.numerics import accumulation_dtype
+from cossim_fast.backends.ring_buffer import row_norms
 from cossim_fast.contract import inputs
 
 
@@ -136,7 +137,6 @@ def update_dictionary(
     features: Tensor,
     labels: Tensor,
     order: Tensor | None,
-    denom: Tensor,
     max_per_class: int,
     ignore_index: int,
     backend: str,
@@ -149,9 +149,11 @@ def update_dictionary(
             inputs.check_order_values(order, labels.numel())
     chosen = dispatch.select("update", backend, bank.device, bank.dtype, features.dtype, dim=bank.shape[2], rows=labels.numel())
     with _exact(bank.device):
-        chosen.update(bank, counts, ptr, features, labels, order, denom, max_per_class, ignore_index)
+        # The norms inside the op: taken outside, torch.compile fused and reordered their sums
+        # (a bank 1 ulp off eager's).
+        chosen.update(bank, counts, ptr, features, labels, order, row_norms(features), max_per_class, ignore_index)
 
 
 @update_dictionary.register_fake
-def _(bank, counts, ptr, features, labels, order, denom, max_per_class, ignore_index, backend, check_values):
+def _(bank, counts, ptr, features, labels, order, max_per_class, ignore_index, backend, check_values):
     return None

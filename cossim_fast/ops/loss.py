@@ -6,7 +6,7 @@ import torch
 from torch import Tensor
 
 from cossim_fast.backends import dispatch
-from cossim_fast.backends.reference import accumulation_dtype
+from cossim_fast.backends.numerics import accumulation_dtype
 from cossim_fast.contract import inputs
 from cossim_fast.ops.distributed import sum_over_ranks
 from cossim_fast.ops.functions import MaxCosineSimilarity, ThresholdedCosineSum
