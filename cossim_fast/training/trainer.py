@@ -108,6 +108,10 @@ def poly_factor(config: Config, iteration: int) -> float:
     return (1.0 - iteration / config.train.iterations) ** config.optim.poly_power
 
 
+def _global_batches(train: dict[str, Any], world: int) -> tuple[int, int]:
+    return train["batch_size_source"] * world, train["batch_size_target"] * world
+
+
 def _found(path: Path) -> str:
     return "found" if path.is_file() else "missing"
 
@@ -257,10 +261,11 @@ class Trainer:
             changed = config_changes(saved_config, to_dict(self.config))
             if changed:
                 print(f"warning: the config differs from the one {path} was trained with: {'; '.join(changed)}")
-            world = state.get("world", 1)
-            if world != self.context.world:
-                print(f"warning: {path} was trained by {world} process(es), this run has {self.context.world}: batch "
-                      "sizes are per process, so the global batch and the order of the samples change")
+            saved_batches = _global_batches(saved_config["train"], state.get("world", 1))
+            batches = _global_batches(to_dict(self.config)["train"], self.context.world)
+            if saved_batches != batches:  # a stream's samples are a function of its global batch
+                print(f"warning: {path} was trained with global batches (source, target) of {saved_batches}, this run "
+                      f"has {batches} (batch sizes are per process): the order of the samples changes")
             reporting.rewrite_metrics(self.history, self.run_dir)  # drop rows logged after this checkpoint
 
     def _start_fresh(self) -> None:

@@ -94,11 +94,14 @@ def test_two_ranks_match_one_process_on_the_combined_batch(tiny_data, tmp_path, 
     for name in ("logged_ce", "logged_cos"):
         assert torch.equal(two[0][name], two[1][name])
         torch.testing.assert_close(two[0][name], one[0][name], atol=1e-5, rtol=1e-4, msg=name)
-    # Resuming the two-process run in one process: batch sizes are per process, so it says so.
+    # Resuming the two-process run in one process: batch sizes are per process, so it says so,
+    # unless the per-process batch doubles (the same global batch: the same samples).
     from cossim_fast.training import Trainer, load_config
 
     Trainer(load_config(None, ddp_overrides), progress=False)
-    assert "was trained by 2 process(es), this run has 1" in capsys.readouterr().out
+    assert "global batches (source, target) of (4, 4), this run has (2, 2)" in capsys.readouterr().out
+    Trainer(load_config(None, [*ddp_overrides, "train.batch_size_source=4", "train.batch_size_target=4"]), progress=False)
+    assert "global batches" not in capsys.readouterr().out
 
 
 def test_a_two_rank_resume_between_logged_rows_logs_what_an_uninterrupted_run_logs(tiny_data, tmp_path):
