@@ -9,6 +9,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from cossim_fast.ops.distributed import sum_over_ranks
 from cossim_fast.training.config import ConfigError
 
 
@@ -65,9 +66,7 @@ def mean_over_ranks(tensor: torch.Tensor, context: Context | None) -> torch.Tens
     """The mean of ``tensor`` over the ranks (itself with one rank)."""
     if context is None or context.world == 1:
         return tensor
-    total = tensor.clone()
-    dist.all_reduce(total)
-    return total / context.world
+    return sum_over_ranks(tensor, context.world) / context.world
 
 
 def check_same_on_all_ranks(what: str, value: str, context: Context) -> None:
