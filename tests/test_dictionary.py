@@ -242,6 +242,8 @@ def _saved_state(**changes):
     [
         (dict(counts=torch.tensor([1, 0, 0]), ptr=torch.tensor([3, 0, 0])), ValueError,
          r"class 0 has counts 1 < 4 slots but ptr 3"),
+        (dict(counts=torch.tensor([3, 0, 0]), ptr=torch.tensor([1, 0, 0])), ValueError,
+         r"class 0 has counts 3 < 4 slots but ptr 1"),  # one short of full: still torn
         (dict(counts=torch.tensor([2.7, 0.0, 0.0])), TypeError, "counts in the state dict must have an integer dtype, got torch.float32"),
         (dict(counts=torch.tensor([9, 0, 0])), ValueError, r"counts in the state dict must be in \[0, 4\], got 9 for class 0"),
         (dict(ptr=torch.tensor([0, -1, 0])), ValueError, r"ptr in the state dict must be in \[0, 3\], got -1 for class 1"),
@@ -257,6 +259,18 @@ def test_a_state_no_update_could_produce_is_refused_on_load(changes, error, matc
         dictionary.load_state_dict(_saved_state(**changes), assign=assign)
     for name, tensor in dictionary.state_dict().items():
         assert torch.equal(tensor, before[name]) and tensor.dtype == before[name].dtype, name
+
+
+def test_states_next_to_a_torn_one_load():
+    # 3 rows into 4 slots leave counts 3 with the head at 3; 5 rows fill the ring and wrap its
+    # head to 1. Both are what updates produce, on either side of the torn (3, 1) refused above.
+    dictionary = cossim_fast.FeatureDictionary(3, 4, 5)
+    dictionary.update(torch.randn(8, 5), torch.tensor([0, 1, 0, 1, 1, 0, 1, 1]))
+    assert dictionary.counts.tolist() == [3, 4, 0] and dictionary.ptr.tolist() == [3, 1, 0]
+    restored = cossim_fast.FeatureDictionary(3, 4, 5)
+    restored.load_state_dict(dictionary.state_dict())
+    for name in ("bank", "counts", "ptr"):
+        assert torch.equal(getattr(restored, name), getattr(dictionary, name)), name
 
 
 def test_int32_counters_load_as_int64():

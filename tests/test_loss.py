@@ -196,3 +196,22 @@ def test_a_callers_autocast_changes_nothing(backend, mode, feature_dtype, autoca
         mixed = run()
     for expected, got in zip(plain, mixed, strict=True):
         assert got.dtype == expected.dtype and torch.equal(got, expected)
+
+
+@pytest.mark.parametrize("backend", ["reference", *BACKENDS])
+@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_16_bit_similarity_just_above_tau_is_selected(backend, mode, dtype):
+    # The row (1, 7, 3, 2, 1) has norm 8 and meets the slot e0 at exactly 1/8 in every 16-bit
+    # dtype, and its fp32 similarity is exactly 0.125. tau = 0.125 - 1e-10 lies below it, so the
+    # strict test S > tau selects it; the nearest float32 to tau is 0.125 itself, which would not.
+    features = torch.tensor([[1.0, 7.0, 3.0, 2.0, 1.0]], dtype=dtype)
+    bank = torch.zeros(1, 1, 5, dtype=dtype)
+    bank[0, 0, 0] = 1.0
+    labels, counts = torch.tensor([0]), torch.tensor([1])
+    values, _ = cossim_fast.max_cosine_similarity(features, labels, bank, counts, backend=backend)
+    assert values.item() == 0.125
+    tau = 0.125 - 1e-10
+    assert float(torch.tensor(tau, dtype=torch.float32)) == 0.125
+    loss = cossim_fast.cosine_similarity_loss(features, labels, bank, counts, tau, mode=mode, backend=backend)
+    assert loss.item() == 1 - 0.125

@@ -4,11 +4,13 @@ from __future__ import annotations
 
 import math
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
+import torch.nn.functional as F
 
 from cossim_fast.data import CLASS_NAMES, PROTOCOLS
 from cossim_fast.evaluation import ConfusionMatrix, format_iou_table, iou_per_class, mean_iou, pixel_accuracy
@@ -130,3 +132,90 @@ def _reduce_worker(rank: int, world: int, init_file: str) -> None:
 @pytest.mark.skipif(not dist.is_available(), reason="torch.distributed not available")
 def test_all_reduce_sums_over_ranks(tmp_path: Path) -> None:
     mp.spawn(_reduce_worker, args=(2, str(tmp_path / "store")), nprocs=2, join=True)
+
+
+def _iou_by_hand(m: torch.Tensor) -> list[float]:
+    """IoU_c = M[c, c] / (row sum + column sum - M[c, c]), NaN for an empty union, class by class."""
+    rows, cols = m.tolist(), m.T.tolist()
+    ious = []
+    for c in range(len(rows)):
+        union = sum(rows[c]) + sum(cols[c]) - rows[c][c]
+        ious.append(rows[c][c] / union if union else math.nan)
+    return ious
+
+
+def _nanmean(values: list[float]) -> float:
+    present = [v for v in values if not math.isnan(v)]
+    return sum(present) / len(present)
+
+
+@pytest.mark.parametrize("protocols", [(16, 13), (13, 16), (19, 13), (13, 19, 16)])
+def test_several_protocols_each_get_their_own_miou_and_every_class_is_listed(protocols) -> None:
+    # IoUs differ from class to class (class c loses c pixels to class c + 1) and wall (3, in 16
+    # but not 13) is absent, so every protocol has another mIoU; the classes listed are the union
+    # of the protocols', whichever comes first.
+    m = torch.diag(torch.full((19,), 20, dtype=torch.int64))
+    for c in range(18):
+        m[c, c + 1] = c
+    m[3], m[:, 3] = 0, 0
+    iou = _iou_by_hand(m)
+    expected_miou = {p: _nanmean([iou[c] for c in PROTOCOLS[p]]) for p in protocols}
+    assert len({round(v, 9) for v in expected_miou.values()}) == len(protocols)  # the case tells them apart
+    listed = sorted(set().union(*(PROTOCOLS[p] for p in protocols)))
+    cm = ConfusionMatrix()
+    cm.matrix += m
+
+    summary = cm.summary(protocols)
+    for p in protocols:
+        assert summary[f"mIoU{len(PROTOCOLS[p])}"] == pytest.approx(expected_miou[p], rel=1e-12)
+    per_class = {k[len("IoU."):]: v for k, v in summary.items() if k.startswith("IoU.")}
+    assert list(per_class) == [CLASS_NAMES[c] for c in listed]
+    for c in listed:
+        assert per_class[CLASS_NAMES[c]] == pytest.approx(iou[c], rel=1e-12, nan_ok=True)
+
+    cells = [line.split("|")[1:-1] for line in cm.table(protocols).splitlines()[2:]]
+    class_rows = [row for row in cells if row[0].strip()]
+    assert [int(row[0]) for row in class_rows] == listed
+    for row in class_rows:
+        c = int(row[0])
+        assert row[1].strip() == CLASS_NAMES[c]
+        assert row[2].strip() == ("n/a" if math.isnan(iou[c]) else f"{100 * iou[c]:.2f}")
+        assert [cell.strip() == "x" for cell in row[3:]] == [c in PROTOCOLS[p] for p in protocols]
+    means = {row[1].strip(): row[2].strip() for row in cells if row[1].strip().startswith("**mIoU")}
+    assert means == {f"**mIoU{len(PROTOCOLS[p])}**": f"**{100 * expected_miou[p]:.2f}**" for p in protocols}
+
+
+class _LogitsAreTheImage(torch.nn.Module):
+    """A stand-in segmentation model whose logits are its input (19 x h x w 'images')."""
+
+    def forward(self, image: torch.Tensor) -> SimpleNamespace:
+        return SimpleNamespace(logits=image)
+
+
+def test_evaluation_upsamples_logits_bilinearly_to_the_label_size() -> None:
+    # Low-resolution logits scored against labels at a non-integer multiple of their size: the
+    # argmax after bilinear upsampling (align_corners=False, as the source loss upsamples)
+    # differs from nearest and from align_corners=True, so each would count other pixels.
+    from cossim_fast.training.trainer import evaluate
+
+    gen = torch.Generator().manual_seed(0)
+    dataset = []
+    for low, full in (((3, 4), (7, 11)), ((5, 2), (9, 5))):
+        logits = torch.randn(19, *low, generator=gen)
+        label = torch.randint(0, 19, full, generator=gen)
+        label[0, :2] = 255
+        dataset.append((logits, label, "name"))
+    expected = torch.zeros(19, 19, dtype=torch.int64)
+    changed = {"nearest": False, "align_corners": False}
+    for logits, label, _ in dataset:
+        def argmax(**how):
+            return F.interpolate(logits[None], size=label.shape, **how).argmax(dim=1)[0]
+
+        pred = argmax(mode="bilinear", align_corners=False)
+        changed["nearest"] |= not torch.equal(pred, argmax(mode="nearest"))
+        changed["align_corners"] |= not torch.equal(pred, argmax(mode="bilinear", align_corners=True))
+        kept = label != 255
+        expected.index_put_((label[kept], pred[kept]), torch.ones(int(kept.sum()), dtype=torch.int64), accumulate=True)
+    assert all(changed.values())  # the case tells the upsamplings apart
+    matrix = evaluate(_LogitsAreTheImage(), dataset, torch.device("cpu"))
+    assert torch.equal(matrix.matrix, expected)
