@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import struct
 import zlib
 from collections.abc import Callable
@@ -186,6 +187,27 @@ def test_resize_and_full_resolution_label(gta5_root: Callable[..., Path]) -> Non
     assert label[:, :2].eq(0).all() and label[:, 2:].eq(13).all()  # nearest keeps ids intact
     image, label, _ = GTA5Dataset(root, resize=(4, 3), resize_label=False)[0]
     assert image.shape == (3, 3, 4) and label.shape == (H, W)
+
+
+def test_images_resize_bilinear_and_labels_nearest(gta5_root: Callable[..., Path]) -> None:
+    # Doubling the size: bilinear (half-pixel centres, edges clamped) samples the column x at
+    # (j + 0.5) / 2 - 0.5, and the position image's R = 20 * x is linear in x, so its value is
+    # exact; nearest would repeat each column twice. Labels take the nearest id, no blends.
+    image, label, _ = GTA5Dataset(gta5_root(n=1), resize=(2 * W, 2 * H))[0]
+    pixels = _pixels(image).astype(int)
+    x = np.clip((np.arange(2 * W) + 0.5) / 2 - 0.5, 0, W - 1)
+    y = np.clip((np.arange(2 * H) + 0.5) / 2 - 0.5, 0, H - 1)
+    assert (pixels[:, :, 0] == (20 * x)[None, :]).all()
+    assert (pixels[:, :, 1] == (20 * y)[:, None]).all()
+    assert (label[:, :W] == 0).all() and (label[:, W:] == 13).all()
+
+
+def test_random_crops_reach_every_offset(gta5_root: Callable[..., Path]) -> None:
+    # A 5 x 4 crop of the 8 x 6 image starts at x in 0..3 and y in 0..2, the last ones included;
+    # the position image's top-left pixel of a crop says where it starts.
+    ds = GTA5Dataset(gta5_root(n=1), crop_size=(5, 4), seed=0)
+    starts = {tuple(_pixels(ds[0][0])[0, 0, :2].astype(int) // 20) for _ in range(100)}
+    assert starts == {(x, y) for x in range(W - 5 + 1) for y in range(H - 4 + 1)}
 
 
 def test_crop_and_flip_keep_image_and_label_aligned(gta5_root: Callable[..., Path]) -> None:
@@ -383,6 +405,18 @@ def test_size_mismatch(gta5_root: Callable[..., Path], synthia_root: Callable[..
     save_synthia_label(root / "GT" / "LABELS" / "0000001.png", np.zeros((H + 1, W), dtype=np.uint16))
     with pytest.raises(DatasetError, match="but its label"):
         SynthiaDataset(root).preflight()
+
+
+def test_a_label_of_the_transposed_shape_is_refused(gta5_root: Callable[..., Path]) -> None:
+    # H x W instead of W x H: the same pixel count, but the ids would be laid on the wrong pixels.
+    root = gta5_root(n=2)
+    save(root / "labels" / "00001.png", split_label(7, 26, w=H, h=W), mode="P")
+    image, label = root / "images" / "00001.png", root / "labels" / "00001.png"
+    expected = re.escape(f"image {image} is {W}x{H} but its label {label} is {H}x{W}")
+    with pytest.raises(DatasetError, match=expected):
+        GTA5Dataset(root)[1]
+    with pytest.raises(DatasetError, match=expected):
+        GTA5Dataset(root).preflight()
 
 
 def test_crop_larger_than_images(gta5_root: Callable[..., Path]) -> None:

@@ -10,6 +10,7 @@ import pytest
 import torch
 
 from cossim_fast.data import (
+    CLASS_NAMES,
     NUM_CLASSES,
     SYNTHETIC_CLASSES,
     CityscapesDataset,
@@ -52,6 +53,41 @@ def test_at_least_eight_classes(tmp_path: Path) -> None:
             present[ds[i][1].unique()] = True
         assert int(present.sum()) >= 8
     assert len(SYNTHETIC_CLASSES) >= 8
+
+
+def test_every_split_holds_every_promised_class_and_the_shares_count_both_splits(tmp_path: Path) -> None:
+    # Each of the four splits (source train/val, target train/val) is drawn on its own stream:
+    # each must show all the classes the generator promises, and no other. The shares in the
+    # info file are the pixel counts of a domain's two splits, as the loaders read them back.
+    paths = generate_synthetic_uda(tmp_path, seed=0, **{**SMALL, "num_source": 8, "num_source_val": 8,
+                                                        "num_target_train": 8, "num_target_val": 8})
+    splits = {
+        "source": [GTA5Dataset(paths["source"]), GTA5Dataset(paths["source_val"])],
+        "target": [CityscapesDataset(paths["target"], "train"), CityscapesDataset(paths["target"], "val")],
+    }
+    info = json.loads(paths["info"].read_text())
+    assert info["classes"] == {CLASS_NAMES[c]: c for c in SYNTHETIC_CLASSES}
+    for domain, datasets in splits.items():
+        counts = torch.zeros(NUM_CLASSES, dtype=torch.int64)
+        for ds in datasets:
+            labels = torch.stack([ds[i][1] for i in range(len(ds))])
+            assert set(labels.unique().tolist()) == set(SYNTHETIC_CLASSES), (domain, ds.root)
+            counts += torch.bincount(labels.flatten(), minlength=NUM_CLASSES)
+        shares = info["class_pixel_share"][domain]
+        assert set(shares) == {CLASS_NAMES[c] for c in SYNTHETIC_CLASSES}
+        for c in SYNTHETIC_CLASSES:
+            assert shares[CLASS_NAMES[c]] == pytest.approx(counts[c].item() / counts.sum().item(), abs=1e-5)
+
+
+def test_held_out_splits_are_other_images(tmp_path: Path) -> None:
+    # gta5_val must not repeat gta5's images (nor target val the target train ones): the
+    # held-out mIoU would score images the model trained (or adapted) on.
+    paths = generate_synthetic_uda(tmp_path, seed=0, **SMALL)
+    source = [p.read_bytes() for p in sorted((paths["source"] / "images").glob("*.png"))]
+    held_out = [p.read_bytes() for p in sorted((paths["source_val"] / "images").glob("*.png"))]
+    assert len(held_out) == 2 and not set(held_out) & set(source)
+    target = {p.read_bytes() for p in (paths["target"] / "leftImg8bit").rglob("*.png")}
+    assert len(target) == 4 + 3
 
 
 def test_deterministic_bytes(tmp_path: Path) -> None:
@@ -99,6 +135,12 @@ def test_skips_when_complete_and_regenerates_on_change(tmp_path: Path) -> None:
     (root / ".synthetic_uda.incomplete").write_text("")
     generate_synthetic_uda(root, seed=0, **SMALL)
     assert paths["info"].is_file() and not (root / ".synthetic_uda.incomplete").exists()
+    # Killed while rewriting, before the old marker was removed: the in-progress marker alone
+    # says the files are half-written, and they are redone too.
+    probe.unlink()
+    (root / ".synthetic_uda.incomplete").write_text("")
+    generate_synthetic_uda(root, seed=0, **SMALL)
+    assert probe.is_file() and not (root / ".synthetic_uda.incomplete").exists()
 
 
 def test_refuses_to_overwrite_foreign_data(tmp_path: Path) -> None:

@@ -6,7 +6,7 @@ import torch
 from cossim_fast import configs
 from cossim_fast.training import ConfigError, load_config
 from cossim_fast.training import checkpoint
-from cossim_fast.training.config import config_from_dict, save_config
+from cossim_fast.training.config import check_resumable, config_changes, config_from_dict, save_config, to_dict
 from cossim_fast.training.streams import CachedDataset, IterationBatches, flips
 from cossim_fast.training.target_losses import class_shares, downsample_labels, entropy_loss, pseudo_labels
 
@@ -31,12 +31,15 @@ def test_shipped_configs_load(name):
         ("train:\n  batch_size_source: 0\n", "train.batch_size_source: expected >= 1"),
         ("data:\n  protocols: [15]\n", r"data.protocols: expected a non-empty list of distinct class counts from \[19, 16, 13\]"),
         ("data:\n  protocols: []\n", "data.protocols: expected a non-empty list"),
+        ("data:\n  protocols: [19, 13, 19]\n", "data.protocols: expected a non-empty list of distinct"),
         ("data:\n  source:\n    size: [48]\n", r"data.source.size: expected \[width, height\]"),
         ("cosine:\n  threshold: 2.0\n", r"cosine.threshold: expected in \[-1, 1\], got 2.0"),
         ("cosine:\n  class_cap: 0.0\n", r"cosine.class_cap: expected in \(0, 1\]"),
         ("cosine:\n  max_per_class: 0\n", "cosine.max_per_class: expected >= 1"),
         ("cosine:\n  pseudo_threshold: 1.0\n", r"cosine.pseudo_threshold: expected in \[0, 1\)"),
         ("optim:\n  lr: -1\n", "optim.lr: expected > 0, got -1.0"),
+        ("optim:\n  momentum: 1.0\n", r"optim.momentum: expected in \[0, 1\), got 1.0"),
+        ("optim:\n  momentum: -0.01\n", r"optim.momentum: expected in \[0, 1\), got -0.01"),
         ("model:\n  name: deeplabv2_resnet1O1\n", r"model.name: expected one of \('deeplabv2_resnet18'"),
         ("seed: 100000000000000\n", r"seed: expected in \[0, 4294967295\]"),
         ("optim:\n  lr: fast\n", "optim.lr: expected float, got str 'fast'"),
@@ -52,6 +55,13 @@ def test_bad_config_files_name_the_key(tmp_path, text, match):
     path.write_text(text)
     with pytest.raises(ConfigError, match=match):
         load_config(path)
+
+
+def test_values_at_the_inner_edges_of_ranges_are_accepted():
+    # momentum in [0, 1): 0 is plain SGD, 1 would never forget a gradient.
+    assert load_config(None, ["optim.momentum=0"]).optim.momentum == 0.0
+    assert load_config(None, ["optim.momentum=0.999"]).optim.momentum == 0.999
+    assert load_config(None, ["data.protocols=[13, 16, 19]"]).data.protocols == [13, 16, 19]
 
 
 def test_overrides_of_string_keys_are_taken_as_written():
@@ -81,6 +91,42 @@ def test_learning_rates_in_scientific_notation_and_freeze_bn_auto():
     assert load_config(None, ["optim.lr=1e-4"]).optim.lr == 1e-4
     assert load_config(None, []).model.freeze_bn is None  # auto: frozen exactly with pretrained weights
     assert load_config(None, ["model.freeze_bn=false"]).model.freeze_bn is False
+
+
+def test_settings_of_how_a_run_runs_are_not_named_as_config_changes():
+    # Switched on resume (e.g. the memory levers after running out of memory), they do not change
+    # what the run computes, so the resume warning must not list them; a loss setting must be listed.
+    before = to_dict(load_config(None))
+    for change in ("train.ce_bands=4", "model.activation_checkpointing=true", "cosine.backend=torch",
+                   "data.num_workers=2", "data.deep_scan=true", "train.threads=2", "train.log_every=5",
+                   "train.eval_every=5", "train.checkpoint_every=5", "train.check_values_every=5", "output_dir=elsewhere"):
+        assert config_changes(before, to_dict(load_config(None, [change]))) == [], change
+    assert config_changes(before, to_dict(load_config(None, ["train.ce_bands=4", "cosine.weight=0.5"]))) == [
+        "cosine.weight: 0.1 -> 0.5"
+    ]
+
+
+@pytest.mark.parametrize(
+    "saved, current, refused",
+    [
+        ([], ["model.pretrained=r.pth"], True),  # null followed pretrained: unfrozen, then frozen
+        (["model.pretrained=r.pth"], [], True),
+        (["model.pretrained=r.pth"], ["model.pretrained=other.pth"], False),
+        ([], ["model.freeze_bn=false"], False),  # null without weights is unfrozen
+        (["model.pretrained=r.pth"], ["model.pretrained=r.pth", "model.freeze_bn=true"], False),
+        (["model.pretrained=r.pth"], ["model.pretrained=r.pth", "model.freeze_bn=false"], True),
+        ([], ["model.freeze_bn=true"], True),
+    ],
+)
+def test_resume_follows_pretrained_where_freeze_bn_is_null(saved, current, refused):
+    # Frozen BatchNorm leaves its parameters out of the optimizer's groups: a resume that
+    # changes it is refused, whether the change is explicit or through model.pretrained.
+    old, new = to_dict(load_config(None, saved)), to_dict(load_config(None, current))
+    if refused:
+        with pytest.raises(ConfigError, match=r"cannot resume from last\.pt: .*model\.freeze_bn"):
+            check_resumable(old, new, "last.pt")
+    else:
+        check_resumable(old, new, "last.pt")
 
 
 def test_a_base_config_under_the_file_and_overrides(tmp_path):
