@@ -186,6 +186,14 @@ def test_unfrozen_bn_updates_stats_by_default_without_weights():
     assert not model.backbone.freeze_bn and bn.running_mean.abs().sum() > 0
 
 
+
+def test_explicit_freeze_bn_overrides_the_pretrained_default(tmp_path):
+    # None follows the weights (frozen exactly when pretrained); an explicit value wins either way.
+    path = tmp_path / "resnet_small.pth"
+    _save_torchvision_format(_small().backbone, path)
+    assert not _small(pretrained=path, freeze_bn=False).backbone.freeze_bn
+    assert _small(freeze_bn=True).backbone.freeze_bn
+
 @pytest.mark.parametrize("freeze_bn", [False, True])
 def test_parameter_groups_cover_trainable_params_once(freeze_bn):
     model = _small(freeze_bn=freeze_bn)
