@@ -1,5 +1,6 @@
 """Short training runs: outputs, exact resume, atomic checkpoints, the levers, errors."""
 
+import copy
 import json
 import os
 import stat
@@ -8,9 +9,11 @@ from pathlib import Path
 import pytest
 import torch
 
-from cossim_fast.data import DatasetError
+from cossim_fast.data import IGNORE_INDEX, DatasetError
 from cossim_fast.training import ConfigError, Trainer, checkpoint
 from cossim_fast.training import trainer as trainer_module
+from cossim_fast.training.source_loss import upsampled_cross_entropy
+from cossim_fast.training.streams import batch_stream
 from cossim_fast.training.trainer import loss_weight
 
 
@@ -337,3 +340,63 @@ def test_a_run_whose_loss_is_not_finite_stops_with_a_clear_error(tiny_config, mo
     trainer_module.check_finite(row, tiny_config("train.amp=fp16"))  # the scaler skips such steps
     assert "warning: loss_ce = inf in the steps logged at iteration 4 (fp16 loss scaling" in capsys.readouterr().out
     trainer_module.check_finite({"iteration": 4, "loss_ce": 1.0}, tiny_config())
+
+
+def _record_step_gradients(trainer) -> list[dict[str, torch.Tensor]]:
+    """The gradients each optimizer step applies, recorded as the step starts."""
+    recorded, step = [], trainer.optimizer.step
+
+    def recording(*args, **kwargs):
+        recorded.append({name: p.grad.clone() for name, p in trainer.model.named_parameters() if p.grad is not None})
+        return step(*args, **kwargs)
+
+    trainer.optimizer.step = recording
+    return recorded
+
+
+def test_accumulated_passes_step_with_the_mean_of_their_gradients(tiny_config):
+    # grad_accum passes make one step on the mean of their losses, as one batch of all their
+    # samples would: the oracle differentiates that mean directly, from the same start weights.
+    config = tiny_config("train.grad_accum=2", "cosine.enabled=false")
+    trainer = Trainer(config, progress=False)
+    model = copy.deepcopy(trainer.model).train()
+    gradients = _record_step_gradients(trainer)
+    trainer.train(until=1)
+    stream = batch_stream(trainer.source, config.train.batch_size_source, config.seed, flip=config.data.flip)
+    losses = [upsampled_cross_entropy(model(images).logits, labels, ignore_index=IGNORE_INDEX)
+              for images, labels in (next(stream), next(stream))]
+    (sum(losses) / len(losses)).backward()
+    assert len(gradients) == 1
+    for name, p in model.named_parameters():
+        torch.testing.assert_close(gradients[0][name], p.grad, msg=name)
+
+
+def test_entropy_only_run_logs_and_weights_the_entropy_term(tiny_config):
+    # cosine.weight=0 with entropy on: the target pass runs for the entropy alone. The step's
+    # gradient is CE's plus entropy.weight times the entropy's, so it is linear in the weight.
+    def first_step(entropy_weight, output):
+        trainer = Trainer(tiny_config("cosine.weight=0.0", f"entropy.weight={entropy_weight}", "train.log_every=1",
+                                      output=output), progress=False)
+        gradients = _record_step_gradients(trainer)
+        trainer.train(until=1)
+        return gradients[0], trainer.history
+
+    plain, _ = first_step(0.0, "plain")  # no target pass at all: the source CE's gradient
+    (once, once_rows), (twice, twice_rows) = first_step(1.0, "once"), first_step(2.0, "twice")
+    for rows in (once_rows, twice_rows):
+        assert "loss_cos" not in rows[0] and 0 < rows[0]["loss_ent"] <= 1  # normalized by log K
+    assert once_rows[0]["loss_ent"] == twice_rows[0]["loss_ent"]  # logged unweighted: same weights, same batch
+    assert any((once[name] - plain[name]).abs().max() > 1e-6 for name in plain)
+    for name, value in plain.items():
+        torch.testing.assert_close(twice[name] - value, 2 * (once[name] - value), rtol=1e-3, atol=1e-6, msg=name)
+
+
+def test_logged_cosine_weight_follows_the_warm_up_and_ramp(tiny_config):
+    # Each row (one iteration each) logs lambda_cos of its iteration: 0 during the warm-up of
+    # 2 iterations, then weight * (i - 2 + 1) / 2 up to the full 0.5; loss_cos only once it is on.
+    trainer = Trainer(tiny_config("cosine.weight=0.5", "cosine.warmup_iters=2", "cosine.ramp_iters=2",
+                                  "train.log_every=1", "train.eval_every=100"), progress=False)
+    trainer.train(until=5)
+    expected = [0.0, 0.0, 0.25, 0.5, 0.5]  # iterations 0 to 4
+    assert [row["weight_cos"] for row in trainer.history] == expected
+    assert ["loss_cos" in row for row in trainer.history] == [w > 0 for w in expected]

@@ -1,5 +1,6 @@
 """Small unit checks of the training pieces: pseudo-label edges, label downsampling, the lr and
-loss-weight schedules, flipped batches, the checkpoint's fsync, negative label ids."""
+loss-weight schedules, flipped batches, the checkpoint's fsync, negative label ids, the logged
+step statistics."""
 
 import os
 
@@ -11,7 +12,7 @@ from cossim_fast.data import labels as L
 from cossim_fast.training import checkpoint, load_config
 from cossim_fast.training.streams import batch_stream, flips
 from cossim_fast.training.target_losses import class_shares, downsample_labels, pseudo_labels
-from cossim_fast.training.trainer import loss_weight, poly_factor
+from cossim_fast.training.trainer import StepStats, loss_weight, poly_factor
 
 
 def test_a_score_exactly_at_the_confidence_is_not_kept():
@@ -135,3 +136,19 @@ def test_negative_ids_map_to_ignore_through_every_table():
     assert L.map_ids(raw.astype(np.int16), L.TRAINID_TO_CITYSCAPES_ID).tolist() == [255, 255, 7, 26, 255]
     for table in (L.CITYSCAPES_ID_TO_TRAINID, L.GTA5_ID_TO_TRAINID, L.SYNTHIA_ID_TO_TRAINID):
         assert L.map_ids(raw, table)[[0, 1, 4]].tolist() == [255, 255, 255]
+
+
+def test_step_stats_average_each_quantity_over_its_own_passes():
+    stats = StepStats()
+    scale = torch.tensor(1.0, requires_grad=True)
+    share = torch.tensor([0.25, 0.75])
+    stats.add({"loss": scale * 1.0, "share": share})
+    share += 1.0  # a caller's later in-place change does not reach the sums
+    stats.add({"loss": scale * 3.0, "share": torch.tensor([0.75, 0.25])})
+    stats.add({"loss": scale * 5.0})  # a quantity some passes do not log
+    # Summed detached: a logged loss keeps no graph (and no activations) alive until the row.
+    assert all(not value.requires_grad and value.grad_fn is None for value in stats.sums.values())
+    assert stats.means() == {"loss": (1.0 + 3.0 + 5.0) / 3, "share": [0.5, 0.5]}
+    assert stats.means() == {}  # each row averages the passes since the previous one
+    stats.add({"loss": torch.tensor(4.0)})
+    assert stats.means() == {"loss": 4.0}
