@@ -5,6 +5,7 @@ import json
 import random
 
 import numpy as np
+import pytest
 import torch
 
 from cossim_fast.training import Trainer, checkpoint
@@ -35,7 +36,17 @@ def _draws() -> tuple[list[float], list[float], float]:
     return torch.rand(3).tolist(), np.random.rand(3).tolist(), random.random()
 
 
-def test_a_resume_restores_the_global_random_generators(tiny_config):
+@pytest.fixture
+def global_rngs_restored():
+    """Leaves the global generators as this test found them, for the tests after it."""
+    states = torch.get_rng_state(), np.random.get_state(), random.getstate()
+    yield
+    torch.set_rng_state(states[0])
+    np.random.set_state(states[1])
+    random.setstate(states[2])
+
+
+def test_a_resume_restores_the_global_random_generators(tiny_config, global_rngs_restored):
     # The checkpoint holds torch's, numpy's and Python's global RNG states: after a resume
     # they draw what the interrupted process would have drawn next, whatever they were
     # seeded with in the new process (the Trainer seeds only torch's, with config.seed).
