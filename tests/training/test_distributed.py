@@ -131,15 +131,17 @@ def test_ranks_that_disagree_on_the_checkpoint_stop_with_an_error_on_every_rank(
     assert "(found); rank 1: none" in message
 
 
-@pytest.mark.parametrize("checkpointing", [False, True])
-def test_ranks_evaluate_the_same_batchnorm_statistics_and_sync_once_per_iteration(tiny_data, tmp_path, checkpointing):
+@pytest.mark.parametrize(("checkpointing", "grad_accum"), [(False, 1), (True, 1), (False, 2)])
+def test_ranks_evaluate_the_same_batchnorm_statistics_and_sync_once_per_iteration(tiny_data, tmp_path, checkpointing, grad_accum):
     # Each rank updates its running statistics from its own batches; evaluation and the
     # checkpoint use rank 0's on every rank. With activation checkpointing too (DDP's hooks
-    # then fire during the recomputing backward).
+    # then fire during the recomputing backward), and with accumulation (only the last pass's
+    # backward may sync: a sync on the first leaves the last pass's gradients per rank, and the
+    # ranks' weights apart).
     common = ["model.freeze_bn=false", "train.iterations=2", "train.eval_every=2",
-              f"model.activation_checkpointing={str(checkpointing).lower()}"]
+              f"model.activation_checkpointing={str(checkpointing).lower()}", f"train.grad_accum={grad_accum}"]
     two = _run(tmp_path, tiny_overrides(tiny_data, tmp_path / "ddp", *common), 2)
-    # Each iteration all-reduces each gradient bucket once, although it runs two backward passes.
+    # Each iteration all-reduces each gradient bucket once, although it runs 2 x grad_accum backward passes.
     assert two[0]["allreduced_buckets"].count(0) == 2, two[0]["allreduced_buckets"]
     for name, value in two[0]["model"].items():
         assert torch.equal(two[1]["model"][name], value), name
